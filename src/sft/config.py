@@ -1,0 +1,272 @@
+"""The run config: one YAML file, pydantic models that reject unknown keys, dotted overrides.
+
+Every problem in a config is collected and reported at once, each with its full key path, what was expected and,
+for a misspelt key, the closest valid one. The `train` section is not re-declared here: it accepts any
+`trl.SFTConfig` option and is validated by building the `SFTConfig` (see `sft.train.build_sft_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sft.errors import SftError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModelSpec(_Section):
+    """Recipe for the local stand-in model, built when `model.name_or_path` does not exist yet.
+
+    A random-weight Llama with a byte-level BPE tokenizer learnt from the training data. It exists so the whole
+    pipeline runs offline on a CPU; point `model.name_or_path` at a hub id or a folder for real work.
+    """
+
+    seed: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary learnt from the training files")
+    max_position_embeddings: int = 512
+    initializer_range: float = Field(
+        0.05, gt=0, description="Std of the random weights (0.05: the tied LM head can express confident logits)"
+    )
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); pin it with remote code")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on a CUDA device that supports it, else float32"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = Field(False, description="Run Python shipped with the model; off unless you trust it")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits with bitsandbytes (CUDA only)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    chat_template: str | None = Field(
+        None, description="Path to a .jinja file replacing the tokenizer's own chat template (None: keep it)"
+    )
+    tiny: TinyModelSpec | None = Field(
+        None, description="Build a tiny random Llama at name_or_path when it does not exist (offline stand-in)"
+    )
+
+    @model_validator(mode="after")
+    def _remote_code_needs_revision(self) -> ModelConfig:
+        is_local = Path(self.name_or_path).exists() or self.tiny is not None
+        if self.trust_remote_code and not is_local and self.revision is None:
+            raise ValueError(
+                "trust_remote_code=true on a hub model needs model.revision pinned to a commit, so the code that "
+                "runs is the code you reviewed"
+            )
+        return self
+
+
+FormatName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class SourceConfig(_Section):
+    path: str = Field(description="A .jsonl, .json, .csv or .parquet file, or a folder of them")
+    format: FormatName = Field("auto", description="Detected from the columns when auto")
+
+
+class DataConfig(_Section):
+    train: list[SourceConfig] = Field(description="Training sources: a path, or a list of paths / {path, format}")
+    eval: list[SourceConfig] | None = Field(None, description="Held-out sources; None: split eval_fraction off train")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = Field(0, description="Seed of the train/eval split")
+    max_length: int = Field(1024, gt=0, description="Tokens per example after templating, answer and EOS included")
+    on_too_long: Literal["drop", "error"] = Field(
+        "drop", description="Rows longer than max_length are dropped and counted, or stop the run"
+    )
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _paths_to_sources(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class AdapterConfig(_Section):
+    """LoRA through peft."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0, description="Scale is alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names")
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter")
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class EvalConfig(_Section):
+    enabled: bool = True
+    compare_base: bool = Field(True, description="Also score the base model (adapter off) for a before/after table")
+    max_samples: int | None = Field(200, gt=0, description="Held-out prompts to generate for; None: all")
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+
+
+class ExportConfig(_Section):
+    merged: bool = Field(False, description="Also write base + adapter merged into one safetensors model")
+    verify: bool = Field(True, description="Reload what was written and compare logits with the in-memory model")
+
+
+class OutputConfig(_Section):
+    runs_dir: str = "runs"
+    name: str | None = Field(None, description="Run folder name; default: the config file's name")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or "\\" in value or value in {".", ".."}):
+            raise ValueError("must be a plain folder name (no '/', '\\', '.' or '..')")
+        return value
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    train: dict[str, Any] = Field(default_factory=dict, description="Any trl.SFTConfig option")
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    output: OutputConfig = OutputConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-4` -> (["train", "learning_rate"], 1e-4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SftError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise SftError(f"override {text!r}: {where} is {child!r}, not a section with keys")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SftError(f"config file not found: {path} (expected a YAML file, e.g. configs/tiny.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SftError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SftError(f"{path}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SftError(f"{path}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; every problem is reported in one `SftError`."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    config = validate_config(raw, source=str(path))
+    if config.output.name is None:
+        config.output.name = path.stem
+    return config
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    problems: list[str] = []
+    config = None
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems += [_describe(e) for e in err.errors()]
+    train = raw.get("train") or {}
+    if isinstance(train, dict):
+        from sft.train import check_train_section  # the one place SFTConfig is built
+
+        problems += check_train_section(train)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise SftError(f"{source}: {len(problems)} problem(s) in the config:\n{listing}")
+    assert config is not None
+    return config
+
+
+def did_you_mean(word: str, options: list[str] | set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        options = _fields_at(loc[:-1])
+        hint = did_you_mean(loc[-1], options) if options else ""
+        valid = f"; valid keys here: {', '.join(sorted(options))}" if options and not hint else ""
+        return f"{key}: unknown key{hint}{valid}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def _fields_at(loc: list[str]) -> set[str]:
+    """Field names of the pydantic model that sits at `loc` inside RunConfig, or empty if it is not a model."""
+    model: Any = RunConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return set()
+        model = _model_in(field.annotation)
+        if model is None:
+            return set()
+    return set(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

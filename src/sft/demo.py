@@ -1,0 +1,140 @@
+"""The offline stand-in: a tiny random Llama with a tokenizer learnt from the shipped data, and that data.
+
+Nothing here is needed with a real model. It lets the whole pipeline run on a CPU with no network: the model is
+built from a seed, so the same config always gives the same "pretrained" weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from sft.config import TinyModelSpec
+
+# ChatML, the template Qwen2.5 and many others use. The answer ends with <|im_end|>, the end-of-turn token.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+
+
+def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None:
+    """Write a random-weight Llama and a byte-level BPE tokenizer learnt from `corpus` to `path`, atomically."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    # SentencePiece-style BPE (as Llama 2 and Mistral): a word is the same token ("▁cat") wherever it stands,
+    # after a space or at the start of a line, so the model does not have to learn two spellings of each word.
+    bpe = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=["\n", "\t"] + [chr(c) for c in range(32, 127)],  # ASCII encodes; the rest is <|unk|>
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=spec.max_position_embeddings,
+    )
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,  # as Llama 3.2 1B: copying a prompt word out is then easy to learn
+        initializer_range=spec.initializer_range,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "STAND_IN.md").write_text(
+            "A tiny random-weight Llama built by `sft` from a seed, standing in for a real pretrained model so the "
+            "pipeline runs offline. Its tokenizer was learnt from the training data.\n"
+            + json.dumps(spec.model_dump(), indent=2)
+            + "\n"
+        )
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# The demo task: reverse the word order of a short sentence. The base model cannot do it (0% exact match); the
+# answer is a pure function of the prompt, so a working fine-tune reaches ~100% on sentences it never saw.
+WORDS = (
+    "the a one two red blue green small big old new fast slow happy sad cold warm dark bright quiet loud "
+    "cat dog bird fish horse cow fox bear mouse frog tree river hill road house door window garden city town "
+    "boat car train ship book lamp chair table cup bowl apple bread milk tea rain snow wind sun moon star "
+    "sees likes finds takes makes reads eats drinks wants holds moves opens closes paints builds carries "
+    "near under over behind beside inside with from into across and then but also very always never often"
+).split()
+
+
+def make_reverse_rows(n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        words = rng.choices(WORDS, k=rng.randint(3, 6))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "reverse: " + " ".join(words)},
+                    {"role": "assistant", "content": " ".join(reversed(words))},
+                ]
+            }
+        )
+    return rows
+
+
+def write_demo_data(folder: Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> None:
+    """Regenerate data/reverse/{train,eval}.jsonl; eval sentences never appear in train."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < n_train + n_eval:
+        row = make_reverse_rows(1, rng)[0]
+        key = row["messages"][0]["content"]
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:n_train]), ("eval", rows[n_train:])):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in part:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    write_demo_data(Path("data/reverse"))

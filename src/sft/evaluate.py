@@ -1,0 +1,166 @@
+"""Did the fine-tune help? Held-out loss, perplexity and generation scored against the labels, base vs tuned.
+
+The base model is the same weights with the adapter switched off, so both columns come from one load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sft.config import EvalConfig
+from sft.data import Example
+from sft.tokenize import IGNORE, prompt_ids, reference_answer
+
+LOSS_TOKENS_PER_BATCH = 8192  # logits are batch x length x vocab floats: bound the batch by tokens, not rows
+
+
+@dataclass
+class Scores:
+    loss: float
+    perplexity: float
+    token_accuracy: float
+    exact_match: float | None = None
+    token_f1: float | None = None
+    generated: int = 0
+    samples: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: list[dict[str, list[int]]]) -> tuple[float, float]:
+    """Mean cross-entropy per trained token and the accuracy of the argmax on those tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    total_loss, total_right, total_tokens = 0.0, 0, 0
+    start = 0
+    while start < len(order):
+        longest = len(rows[order[start]]["input_ids"])
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= LOSS_TOKENS_PER_BATCH:
+            end += 1
+        batch = [rows[i] for i in order[start:end]]
+        longest = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for b, row in enumerate(batch):
+            n = len(row["input_ids"])
+            ids[b, :n] = torch.tensor(row["input_ids"])
+            labels[b, :n] = torch.tensor(row["labels"])
+            mask[b, :n] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logits, targets = logits[:, :-1], labels[:, 1:].to(device)
+        keep = targets != IGNORE
+        total_loss += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+        total_right += (logits[keep].argmax(-1) == targets[keep]).sum().item()
+        total_tokens += keep.sum().item()
+        start = end
+    return total_loss / max(total_tokens, 1), total_right / max(total_tokens, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop: set[int]):
+    """Greedy, batched, left-padded generation; returns the decoded new text of each prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stop),
+            pad_token_id=pad,
+            use_cache=True,
+        )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return outputs
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalise(prediction).split(), normalise(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int]) -> Scores:
+    loss, accuracy = heldout_loss(model, rows)
+    result = Scores(loss=loss, perplexity=math.exp(min(loss, 50.0)), token_accuracy=accuracy)
+    prompted = [e for e in examples if e.kind != "text"][: config.max_samples]
+    if not prompted:
+        return result
+    predictions = generate(
+        model, tokenizer, [prompt_ids(tokenizer, e) for e in prompted], config.max_new_tokens, config.batch_size, stop
+    )
+    references = [reference_answer(e) for e in prompted]
+    result.generated = len(prompted)
+    result.exact_match = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references)) / len(prompted)
+    result.token_f1 = sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(prompted)
+    result.samples = [
+        {"where": e.where, "reference": r, "generated": p} for e, r, p in zip(prompted, references, predictions)
+    ][:5]
+    return result
+
+
+def evaluate(model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int]) -> dict:
+    """Scores of the tuned model and, when asked, of the base (adapter off): {"tuned": {...}, "base": {...}}."""
+    report = {"tuned": asdict(score(model, tokenizer, examples, rows, config, stop))}
+    if config.compare_base:
+        off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            report["base"] = asdict(score(model, tokenizer, examples, rows, config, stop))
+    return report
+
+
+METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1")
+
+
+def report_markdown(report: dict) -> str:
+    """The before/after table."""
+    has_base = "base" in report
+    head = "| metric | base | tuned | change |\n|---|---:|---:|---:|" if has_base else "| metric | tuned |\n|---|---:|"
+    lines = [head]
+    for metric in METRICS:
+        tuned = report["tuned"].get(metric)
+        if tuned is None:
+            continue
+        if has_base:
+            base = report["base"][metric]
+            lines.append(f"| {metric} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(tuned - base, signed=True)} |")
+        else:
+            lines.append(f"| {metric} | {_fmt(tuned)} |")
+    samples = report["tuned"]["samples"]
+    if samples:
+        lines += ["", "Sample generations (tuned):", ""]
+        for s in samples[:3]:
+            lines.append(f"- {s['where']}: expected {_short(s['reference'])}, got {_short(s['generated'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

@@ -1,0 +1,166 @@
+"""Load the base model and tokenizer, and wrap the model with LoRA: the only place these are built."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sft.config import AdapterConfig, ModelConfig
+from sft.errors import SftError
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def ensure_tiny_model(config: ModelConfig, corpus: list[str]) -> bool:
+    """Build the stand-in model at `name_or_path` if the config asks for one and it is absent; True if built."""
+    path = Path(config.name_or_path)
+    if config.tiny is None or path.exists():
+        return False
+    from sft.demo import build_tiny_model
+
+    build_tiny_model(config.tiny, path, corpus)
+    return True
+
+
+def _source_kwargs(config: ModelConfig) -> dict:
+    return {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+
+
+def _load_error(config: ModelConfig, what: str, err: Exception) -> SftError:
+    where = config.name_or_path
+    if not Path(where).exists() and "/" not in where.strip("/"):
+        hint = "no such local folder, and not a hub id (owner/name)"
+    elif not Path(where).exists():
+        hint = "not a local folder; as a hub id it could not be fetched (offline? gated? misspelt?)"
+    else:
+        hint = "the folder exists but does not hold a loadable model/tokenizer"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SftError(f"model.name_or_path={where!r}: could not load the {what}: {hint}. ({first})")
+
+
+def load_model_config(config: ModelConfig):
+    """The model's config.json alone: enough to check vocabularies and plan memory before loading weights."""
+    try:
+        return AutoConfig.from_pretrained(config.name_or_path, **_source_kwargs(config))
+    except (OSError, ValueError) as err:
+        raise _load_error(config, "model config", err) from None
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **_source_kwargs(config))
+    except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
+        raise _load_error(config, "tokenizer", err) from None
+    if config.chat_template is not None:
+        path = Path(config.chat_template)
+        if not path.is_file():
+            raise SftError(f"model.chat_template: file not found: {path} (expected a .jinja chat template)")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    ensure_pad_token(tokenizer)
+    # Left padding for batched generation: new tokens follow the prompt directly. Training pads with -100 labels.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token without adding one to the vocabulary.
+
+    Reusing EOS (or UNK) as pad is safe here because labels come from explicit answer spans, never from
+    `input_ids == pad_id`: padding can never mask the EOS the model must learn.
+    """
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config) -> None:
+    """Every id the tokenizer can produce must have an embedding row (rows may be more: Qwen2.5 pads to 151936)."""
+    rows = getattr(model_config, "vocab_size", None)
+    if rows is None and hasattr(model_config, "get_text_config"):
+        rows = model_config.get_text_config().vocab_size
+    if rows is not None and len(tokenizer) > rows:
+        raise SftError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows: ids past "
+            f"{rows - 1} would index nothing. The tokenizer does not belong to this model (or tokens were added "
+            "without resizing the embeddings)"
+        )
+
+
+def build_quantization_config(config: ModelConfig):
+    """The one place a BitsAndBytesConfig is built (QLoRA)."""
+    if not config.load_in_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise SftError(
+            "model.load_in_4bit=true needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
+            "Set model.load_in_4bit=false to train in full precision on this machine"
+        )
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SftError("model.load_in_4bit=true needs bitsandbytes: pip install 'sft[gpu]'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(config.bnb_4bit_compute_dtype),
+    )
+
+
+def load_model(config: ModelConfig) -> PreTrainedModel:
+    kwargs = dict(
+        dtype=resolve_dtype(config.dtype),
+        attn_implementation=config.attn_implementation,
+        quantization_config=build_quantization_config(config),
+        use_safetensors=True,  # never unpickle weights
+        **_source_kwargs(config),
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise _load_error(config, "model weights (safetensors)", err) from None
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def build_lora_config(config: AdapterConfig):
+    """The one place a peft LoraConfig is built."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        modules_to_save=config.modules_to_save,
+        bias=config.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: PreTrainedModel, config: AdapterConfig):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return get_peft_model(model, build_lora_config(config))
+    except ValueError as err:
+        raise SftError(f"adapter: peft could not wrap the model: {err}") from None
+
+
+def read_adapter_base(adapter_dir: Path) -> str:
+    """The base model an exported adapter was trained on."""
+    meta = adapter_dir / "adapter_config.json"
+    if not meta.is_file():
+        raise SftError(f"{adapter_dir}: no adapter_config.json; expected an adapter exported by `sft train`")
+    return json.loads(meta.read_text())["base_model_name_or_path"]

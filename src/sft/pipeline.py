@@ -1,0 +1,99 @@
+"""The stages composed into one run: data -> model -> tokens -> train -> evaluate -> export.
+
+Validation comes first (config, data, tokenizer, vocabulary) and nothing is written before it passes. Under
+`accelerate launch` every rank trains; only the main process writes the run folder, evaluates and exports.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sft.config import RunConfig, to_yaml
+from sft.data import Dataset, load_dataset
+from sft.evaluate import evaluate, report_markdown
+from sft.export import export
+from sft.model import apply_lora, check_vocab, ensure_tiny_model, load_model, load_model_config, load_tokenizer
+from sft.runs import create_run_dir, environment, write_json
+from sft.tokenize import tokenize_examples
+from sft.train import build_sft_config, train
+
+
+def log(message: str) -> None:
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
+    print(f"[sft] {rank}{message}", file=sys.stderr, flush=True)
+
+
+def corpus(dataset: Dataset) -> list[str]:
+    """Every text of the training data: what the stand-in model's tokenizer is learnt from."""
+    return [t for e in dataset.train for t in [m["content"] for m in e.messages] + [e.prompt, e.completion, e.text] if t]
+
+
+def train_run(config: RunConfig) -> Path:
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    started = time.time()
+
+    dataset = load_dataset(config.data)
+    for warning in dataset.warnings:
+        log(f"warning: {warning}")
+    if ensure_tiny_model(config.model, corpus(dataset)):
+        log(f"built the stand-in model at {config.model.name_or_path} (tiny random Llama, not a pretrained model)")
+    tokenizer = load_tokenizer(config.model)
+    check_vocab(tokenizer, load_model_config(config.model))
+    train_tokens = tokenize_examples(dataset.train, tokenizer, config.data.max_length, config.data.on_too_long)
+    eval_tokens = tokenize_examples(dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long)
+    stats = {"train": train_tokens.stats.summary(), "eval": eval_tokens.stats.summary()}
+    log(f"data: {_describe(stats['train'])} to train, {_describe(stats['eval'])} held out")
+
+    # Everything is validated: from here on the run folder exists.
+    run_dir = [str(create_run_dir(config.output.runs_dir, config.output.name))] if state.is_main_process else [None]
+    run_dir = Path(broadcast_object_list(run_dir)[0]) if state.num_processes > 1 else Path(run_dir[0])
+    if state.is_main_process:
+        log(f"run folder: {run_dir}")
+        (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+        write_json(run_dir / "environment.json", environment())
+        sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
+        write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
+        write_json(run_dir / "run.json", {"status": "training"})
+
+    model = apply_lora(load_model(config.model), config.adapter)
+    sft_config = build_sft_config(config.train, run_dir / "checkpoints", config.data.max_length)
+    metrics = train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, run_dir / "metrics.jsonl")
+    if not state.is_main_process:
+        return run_dir
+
+    stop = train_tokens.end_tokens | ({tokenizer.eos_token_id} - {None})
+    report: dict = {"train": metrics}
+    card = {
+        "train_examples": stats["train"]["examples"],
+        "trained_tokens": stats["train"]["trained_tokens"],
+        "fingerprint": dataset.fingerprint(),
+    }
+    if config.eval.enabled:
+        log("evaluating the base model (adapter off) and the tuned model on held-out data")
+        report.update(evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop))
+        card["metrics_markdown"] = report_markdown(report)
+        write_json(run_dir / "report.json", report)
+        (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
+    log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
+    report["export"] = export(model, tokenizer, run_dir, config, stop, card)
+    write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})
+    if "metrics_markdown" in card:
+        print(card["metrics_markdown"])
+    log(f"done in {time.time() - started:.0f} s: {run_dir}")
+    return run_dir
+
+
+def _describe(summary: dict) -> str:
+    dropped = f", {summary['dropped_too_long']} dropped as too long" if summary["dropped_too_long"] else ""
+    return (
+        f"{summary['examples']} examples, {summary['tokens']} tokens ({summary['trained_fraction']:.0%} trained, "
+        f"median length {summary.get('length_p50')}){dropped}"
+    )
