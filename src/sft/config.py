@@ -8,6 +8,7 @@ for a misspelt key, the closest valid one. The `train` section is not re-declare
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,9 @@ FormatName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completio
 class SourceConfig(_Section):
     path: str = Field(description="A .jsonl, .json, .csv or .parquet file, or a folder of them")
     format: FormatName = Field("auto", description="Detected from the columns when auto")
+    extra_fields: Literal["error", "ignore"] = Field(
+        "error", description="Row fields the format does not read (ids, metadata): an error, or ignored on purpose"
+    )
 
 
 class DataConfig(_Section):
@@ -146,8 +150,22 @@ class RunConfig(_Section):
     output: OutputConfig = OutputConfig()
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write it: `1e-4` is a float (PyYAML's YAML 1.1 rules would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -156,7 +174,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise SftError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = yaml_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -180,7 +198,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SftError(f"config file not found: {path} (expected a YAML file, e.g. configs/tiny.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise SftError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:

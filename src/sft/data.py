@@ -7,6 +7,9 @@ Every row becomes an `Example` of one of three kinds:
 
 Encodings: UTF-8, with or without a byte-order mark (the BOM is dropped). Anything else (UTF-16, cp1252, GB2312...)
 is an error naming the file and the first offending byte: re-encode the file as UTF-8.
+
+Nothing is dropped silently: a column or turn key the format does not use, and a control character in any text
+(other than tab, newline and carriage return), are errors naming the row and the field.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +129,7 @@ def read_source(source: SourceConfig) -> Source:
         rows = read_rows(file, data)
         if fmt == "auto":
             fmt = detect_format(rows[0][1], f"{file} {rows[0][0]}")
-        examples += [normalise(row, fmt, f"{file} {where}") for where, row in rows]
+        examples += [normalise(row, fmt, f"{file} {where}", source.extra_fields) for where, row in rows]
     return Source(path=path, format=fmt, examples=examples, sha256=digest.hexdigest())
 
 
@@ -157,7 +161,7 @@ def read_rows(file: Path, data: bytes) -> list[tuple[str, dict]]:
         if not text.strip():
             raise SftError(f"{file}: file is empty; expected at least one row")
         if file.suffix == ".csv":
-            pairs = [(f"line {i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
+            pairs = _csv_rows(file, text)
         elif file.suffix == ".jsonl":
             pairs = list(_jsonl_rows(file, text))
         else:
@@ -167,6 +171,22 @@ def read_rows(file: Path, data: bytes) -> list[tuple[str, dict]]:
     for where, row in pairs:
         if not isinstance(row, dict):
             raise SftError(f"{file} {where}: expected an object with named fields, got {type(row).__name__}")
+    return pairs
+
+
+def _csv_rows(file: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    pairs, end = [], 1  # `end`: the last line of the header or previous record (a quoted value may span lines)
+    for row in reader:
+        where, end = f"line {end + 1}", reader.line_num
+        columns = reader.fieldnames or []
+        if None in row or None in row.values():
+            count = len(columns) + len(row.get(None) or []) - sum(v is None for v in row.values())
+            raise SftError(
+                f"{file} {where}: {count} value(s) but the header has {len(columns)} column(s) {columns}; "
+                "expected one value per column (quote values that hold commas)"
+            )
+        pairs.append((where, row))
     return pairs
 
 
@@ -205,6 +225,15 @@ def _json_rows(file: Path, text: str) -> list[tuple[str, Any]]:
         raise SftError(f"{file}: expected a JSON array of objects (or one object), got {type(value).__name__}")
     return [(f"row {i}", row) for i, row in enumerate(value)]
 
+
+FORMAT_FIELDS = {  # every field each format reads; any other (non-null) field would be ignored, so it is an error
+    "messages": ("messages", "tools"),
+    "sharegpt": ("conversations", "tools"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 (bar tab, LF, CR), DEL, C1
 
 FORMAT_KEYS = {
     "messages": "messages",
@@ -245,13 +274,36 @@ def _string(row: dict, key: str, where: str, required: bool = True) -> str:
     if not isinstance(value, str):
         got = "missing" if key not in row else f"{type(value).__name__} {value!r:.40}"
         raise SftError(f"{where}: field {key!r} must be a string, got {got}")
+    _plain_text(value, where, key)
     return value
 
 
-def normalise(row: dict, fmt: str, where: str) -> Example:
+def _plain_text(value: str, where: str, key: str) -> None:
+    found = CONTROL_CHARS.search(value)
+    if found:
+        raise SftError(
+            f"{where}: field {key!r} holds control character U+{ord(found.group()):04X} at character {found.start()}; "
+            "expected text (tab, newline and carriage return are the only control characters allowed)"
+        )
+
+
+def _unused(row: dict, known: tuple[str, ...]) -> list[str]:
+    """Keys that would be ignored: not read by the format and not null (a null loses nothing, e.g. parquet structs)."""
+    return sorted(str(k) for k, v in row.items() if k not in known and v is not None)
+
+
+def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error") -> Example:
     detected = detect_format(row, where)
     if detected != fmt and not (fmt == "text" and "text" in row):
         raise SftError(f"{where}: row looks like {detected!r} but the source is {fmt!r}; mixed formats in one source")
+    # format: text picks one column on purpose; extra_fields: ignore is the user saying the rest is metadata
+    unused = _unused(row, FORMAT_FIELDS[fmt]) if detected == fmt and extra_fields == "error" else []
+    if unused:
+        raise SftError(
+            f"{where}: field(s) {unused} are not read by format {fmt!r} and would be ignored; "
+            f"expected only {list(FORMAT_FIELDS[fmt])} - remove them, or set extra_fields: ignore on this source "
+            "if they are metadata (ids, sources)"
+        )
     if fmt == "messages":
         return _chat(row["messages"], where, "messages", role_key="role", content_key="content", tools=row.get("tools"))
     if fmt == "sharegpt":
@@ -291,9 +343,12 @@ def _chat(turns: Any, where: str, field_name: str, role_key: str, content_key: s
         at = f"{where}, {field_name}[{i}]"
         if not isinstance(turn, dict):
             raise SftError(f"{at}: expected an object with {role_key!r} and {content_key!r}")
+        unused = _unused(turn, (role_key, content_key))
+        if unused:
+            raise SftError(f"{at}: key(s) {unused} would be ignored; expected only {role_key!r} and {content_key!r}")
         role = turn.get(role_key)
         if role_map is not None:
-            if role not in role_map:
+            if not isinstance(role, str) or role not in role_map:  # a list or object role is unhashable
                 raise SftError(f"{at}: unknown role {role!r}; expected one of {sorted(role_map)}")
             role = role_map[role]
         elif role not in ROLES:
@@ -301,6 +356,7 @@ def _chat(turns: Any, where: str, field_name: str, role_key: str, content_key: s
         content = turn.get(content_key)
         if not isinstance(content, str):
             raise SftError(f"{at}: {content_key!r} must be a string, got {type(content).__name__}")
+        _plain_text(content, at, content_key)
         messages.append({"role": role, "content": content})
     check_turns(messages, where, field_name)
     if isinstance(tools, str):

@@ -8,7 +8,7 @@ from pathlib import Path
 from sft.config import ModelConfig
 from sft.errors import SftError
 from sft.evaluate import generate
-from sft.model import load_model, load_tokenizer
+from sft.model import load_model, load_tokenizer, read_adapter_base
 from sft.tokenize import render
 
 
@@ -31,10 +31,9 @@ def load_for_inference(path: Path):
     meta_path = folder / "sft_export.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if (folder / "adapter_config.json").is_file():
-        base = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[
-            "base_model_name_or_path"
-        ]
-        model = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=base, revision=meta.get("revision"))), folder)
+        base_name = meta.get("base_model") or read_adapter_base(folder)
+        base = ModelConfig(name_or_path=base_name, revision=meta.get("revision"))
+        model = PeftModel.from_pretrained(load_model(base), folder)
     else:
         model = load_model(ModelConfig(name_or_path=str(folder)))
     eos = model.generation_config.eos_token_id

@@ -102,8 +102,8 @@ def build_quantization_config(config: ModelConfig):
             "Set model.load_in_4bit=false to train in full precision on this machine"
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise SftError("model.load_in_4bit=true needs bitsandbytes: pip install 'sft[gpu]'") from None
     return BitsAndBytesConfig(

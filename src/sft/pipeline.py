@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
 from sft.evaluate import evaluate, report_markdown
 from sft.export import export
-from sft.model import apply_lora, check_vocab, ensure_tiny_model, load_model, load_model_config, load_tokenizer
+from sft.model import (
+    apply_lora,
+    build_quantization_config,
+    check_vocab,
+    ensure_tiny_model,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+)
 from sft.runs import create_run_dir, environment, write_json
 from sft.tokenize import tokenize_examples
 from sft.train import build_sft_config, train
@@ -30,7 +39,10 @@ def log(message: str) -> None:
 
 def corpus(dataset: Dataset) -> list[str]:
     """Every text of the training data: what the stand-in model's tokenizer is learnt from."""
-    return [t for e in dataset.train for t in [m["content"] for m in e.messages] + [e.prompt, e.completion, e.text] if t]
+    texts = []
+    for example in dataset.train:
+        texts += [m["content"] for m in example.messages] + [example.prompt, example.completion, example.text]
+    return [t for t in texts if t]
 
 
 def train_run(config: RunConfig) -> Path:
@@ -40,6 +52,7 @@ def train_run(config: RunConfig) -> Path:
     state = PartialState()
     started = time.time()
 
+    build_quantization_config(config.model)  # 4-bit without CUDA fails here, before anything is built or read
     dataset = load_dataset(config.data)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
@@ -52,7 +65,9 @@ def train_run(config: RunConfig) -> Path:
     stats = {"train": train_tokens.stats.summary(), "eval": eval_tokens.stats.summary()}
     log(f"data: {_describe(stats['train'])} to train, {_describe(stats['eval'])} held out")
 
-    # Everything is validated: from here on the run folder exists.
+    model = apply_lora(load_model(config.model), config.adapter)
+
+    # Everything is validated and loaded: from here on the run folder exists.
     run_dir = [str(create_run_dir(config.output.runs_dir, config.output.name))] if state.is_main_process else [None]
     run_dir = Path(broadcast_object_list(run_dir)[0]) if state.num_processes > 1 else Path(run_dir[0])
     if state.is_main_process:
@@ -62,33 +77,43 @@ def train_run(config: RunConfig) -> Path:
         sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
         write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
         write_json(run_dir / "run.json", {"status": "training"})
+    with failure_recorded(run_dir / "run.json", state.is_main_process):
+        sft_config = build_sft_config(config.train, run_dir / "checkpoints", config.data.max_length)
+        metrics = train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, run_dir / "metrics.jsonl")
+        if not state.is_main_process:
+            return run_dir
 
-    model = apply_lora(load_model(config.model), config.adapter)
-    sft_config = build_sft_config(config.train, run_dir / "checkpoints", config.data.max_length)
-    metrics = train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, run_dir / "metrics.jsonl")
-    if not state.is_main_process:
-        return run_dir
-
-    stop = train_tokens.end_tokens | ({tokenizer.eos_token_id} - {None})
-    report: dict = {"train": metrics}
-    card = {
-        "train_examples": stats["train"]["examples"],
-        "trained_tokens": stats["train"]["trained_tokens"],
-        "fingerprint": dataset.fingerprint(),
-    }
-    if config.eval.enabled:
-        log("evaluating the base model (adapter off) and the tuned model on held-out data")
-        report.update(evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop))
-        card["metrics_markdown"] = report_markdown(report)
-        write_json(run_dir / "report.json", report)
-        (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
-    log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
-    report["export"] = export(model, tokenizer, run_dir, config, stop, card)
-    write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})
+        stop = train_tokens.end_tokens | ({tokenizer.eos_token_id} - {None})
+        report: dict = {"train": metrics}
+        card = {
+            "train_examples": stats["train"]["examples"],
+            "trained_tokens": stats["train"]["trained_tokens"],
+            "fingerprint": dataset.fingerprint(),
+        }
+        if config.eval.enabled:
+            log("evaluating the base model (adapter off) and the tuned model on held-out data")
+            report.update(evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop))
+            card["metrics_markdown"] = report_markdown(report)
+            write_json(run_dir / "report.json", report)
+            (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
+        log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
+        report["export"] = export(model, tokenizer, run_dir, config, stop, card)
+        write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})
     if "metrics_markdown" in card:
         print(card["metrics_markdown"])
     log(f"done in {time.time() - started:.0f} s: {run_dir}")
     return run_dir
+
+
+@contextmanager
+def failure_recorded(status_file: Path, write: bool):
+    """A run that stops half-way says so in run.json, with the error, instead of looking merely unfinished."""
+    try:
+        yield
+    except BaseException as err:
+        if write:
+            write_json(status_file, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        raise
 
 
 def _describe(summary: dict) -> str:

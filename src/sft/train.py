@@ -48,6 +48,7 @@ def defaults() -> dict[str, Any]:
         "save_total_limit": 2,
         "include_num_input_tokens_seen": "non_padding",
         "seed": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
     }
 
 
