@@ -793,7 +793,11 @@ def test_any_json_rows_are_read_or_refused_with_sft_error(tmp_path, rows, fmt):
 
 def test_extra_fields_can_be_declared_metadata(tmp_path):
     path = tmp_path / "with_ids.jsonl"
-    row = {"id": 7, "source": "web", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    row = {
+        "id": 7,
+        "source": "web",
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    }
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(SftError, match=r"\['id', 'source'\].*extra_fields: ignore"):
         read_source(SourceConfig(path=str(path)))

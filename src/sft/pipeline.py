@@ -1,11 +1,12 @@
 """The stages composed into one run: data -> model -> tokens -> train -> evaluate -> export.
 
-Validation comes first (config, data, tokenizer, vocabulary) and nothing is written before it passes. Under
-`accelerate launch` every rank trains; only the main process writes the run folder, evaluates and exports.
+Validation comes first (config, data, tokenizer, vocabulary, model load) and nothing is written before it passes.
+Under `accelerate launch` every rank trains; only the main process writes the run folder, evaluates and exports.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -30,10 +31,8 @@ from sft.train import build_sft_config, train
 
 
 def log(message: str) -> None:
-    from accelerate import PartialState
-
-    state = PartialState()
-    rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
+    """Progress to stderr, prefixed with the rank under a multi-process launch (torchrun/accelerate set RANK)."""
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"[sft] {rank}{message}", file=sys.stderr, flush=True)
 
 
@@ -46,10 +45,6 @@ def corpus(dataset: Dataset) -> list[str]:
 
 
 def train_run(config: RunConfig) -> Path:
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    state = PartialState()
     started = time.time()
 
     build_quantization_config(config.model)  # 4-bit without CUDA fails here, before anything is built or read
@@ -66,21 +61,24 @@ def train_run(config: RunConfig) -> Path:
     log(f"data: {_describe(stats['train'])} to train, {_describe(stats['eval'])} held out")
 
     model = apply_lora(load_model(config.model), config.adapter)
+    # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
+    sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
+    main = sft_config.process_index == 0
 
     # Everything is validated and loaded: from here on the run folder exists.
-    run_dir = [str(create_run_dir(config.output.runs_dir, config.output.name))] if state.is_main_process else [None]
-    run_dir = Path(broadcast_object_list(run_dir)[0]) if state.num_processes > 1 else Path(run_dir[0])
-    if state.is_main_process:
+    run_dir = create_run_dir(config.output.runs_dir, config.output.name) if main else None
+    run_dir = Path(_from_main_process(str(run_dir), sft_config.world_size))
+    sft_config.output_dir = str(run_dir / "checkpoints")
+    if main:
         log(f"run folder: {run_dir}")
         (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
         write_json(run_dir / "environment.json", environment())
         sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
         write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
         write_json(run_dir / "run.json", {"status": "training"})
-    with failure_recorded(run_dir / "run.json", state.is_main_process):
-        sft_config = build_sft_config(config.train, run_dir / "checkpoints", config.data.max_length)
+    with failure_recorded(run_dir / "run.json", main):
         metrics = train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, run_dir / "metrics.jsonl")
-        if not state.is_main_process:
+        if not main:
             return run_dir
 
         stop = train_tokens.end_tokens | ({tokenizer.eos_token_id} - {None})
@@ -103,6 +101,16 @@ def train_run(config: RunConfig) -> Path:
         print(card["metrics_markdown"])
     log(f"done in {time.time() - started:.0f} s: {run_dir}")
     return run_dir
+
+
+def _from_main_process(value: str, world_size: int) -> str:
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextmanager

@@ -1,11 +1,11 @@
 """Examples -> token ids in the model's own vocabulary, with labels exactly on what the model should learn.
 
 For a conversation the trained tokens are, for every assistant turn, the answer and the template's end-of-turn
-token (`<|im_end|>`, `<|eot_id|>`, `</s>`...), and nothing else: not the generation prompt before it, not the
-newline a template writes after the end-of-turn token. They are found without `{% generation %}` markers, by
-rendering the conversation up to each assistant turn with `add_generation_prompt=True` (what the model sees at
-inference) and checking that its tokens are a prefix of the training tokens: that check is the round trip between
-training and inference, and a mismatch stops the run showing where the two diverge.
+token (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `</s>`...), and nothing else: not the generation prompt before it, not
+the newline (or Phi-3's closing EOS) a template writes after the end-of-turn token. They are found without
+`{% generation %}` markers, by rendering the conversation up to each assistant turn with `add_generation_prompt=True`
+(what the model sees at inference) and checking that its tokens are a prefix of the training tokens: that check is
+the round trip between training and inference, and a mismatch stops the run showing where the two diverge.
 
 Labels are built from these spans, never from `input_ids == pad_id`, so a pad token equal to EOS cannot mask EOS.
 """
@@ -54,7 +54,9 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools=None, generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools=None, generation_prompt: bool = False
+) -> str:
     try:
         return tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
@@ -126,16 +128,16 @@ def tokenize_examples(
         stats.trained_tokens += trained
         stats.lengths.append(len(ids))
     if not rows:
-        raise SftError(
-            f"no rows left after dropping {stats.dropped_too_long} longer than data.max_length={max_length}"
-        )
+        raise SftError(f"no rows left after dropping {stats.dropped_too_long} longer than data.max_length={max_length}")
     return Tokenized(rows=rows, stats=stats, end_tokens=end_tokens)
 
 
 def end_of_turn_candidates(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Special tokens that can close a turn: all of them but UNK (which a template never writes on purpose)."""
+    """Special tokens that can close a turn: all of them but UNK (which a template never writes on purpose).
+
+    Unless UNK is also EOS (GPT-2: `<|endoftext|>` is bos, eos and unk): then it is the end-of-turn token."""
     ids = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids - {tokenizer.unk_token_id}
+    return ids - ({tokenizer.unk_token_id} - {tokenizer.eos_token_id})
 
 
 def _reject_literal_special_tokens(example: Example, literal: re.Pattern) -> None:
@@ -180,10 +182,21 @@ def _chat(example: Example, tokenizer: PreTrainedTokenizerBase, special_ids: set
             continue
         prompt = _ids(tokenizer, render(tokenizer, messages[:turn], tools, generation_prompt=True), special=False)
         _check_prefix(prompt, ids, tokenizer, example.where, turn)
-        end = len(_ids(tokenizer, render(tokenizer, messages[: turn + 1], tools), special=False))
-        # The answer ends at the last special token of its turn: the end-of-turn token. What follows it (a newline)
-        # is template decoration that the model never generates.
-        eot = next((i for i in range(min(end, len(ids)) - 1, len(prompt) - 1, -1) if ids[i] in special_ids), None)
+        upto = _ids(tokenizer, render(tokenizer, messages[: turn + 1], tools), special=False)
+        # The turn ends where the conversation cut after it stops agreeing with the whole one: a template may close
+        # a conversation with more than it writes between turns (Phi-3 appends EOS), and that is not in `ids` here.
+        end = next((i for i, (a, b) in enumerate(zip(upto, ids)) if a != b), min(len(upto), len(ids)))
+        # The answer ends at the first special token after it: the end-of-turn token (an answer holds none, see
+        # _reject_literal_special_tokens). What follows (a newline, Phi-3's closing EOS) is template decoration.
+        eot = next((i for i in range(len(prompt), end) if ids[i] in special_ids), None)
+        if eot is None and any(t not in special_ids for t in upto[end:]):
+            raise SftError(
+                f"{example.where}: the chat template renders assistant turn {turn} differently once later turns "
+                f"follow it (they diverge at token {end}: {tokenizer.decode(upto[end : end + 8])!r} vs "
+                f"{tokenizer.decode(ids[end : end + 8])!r}; Qwen3 drops the <think> block of earlier turns), so the "
+                "turn cannot be labelled as the model generates it; use a template that renders earlier turns as they "
+                "were generated (e.g. TRL's qwen3_training.jinja), or single-turn rows"
+            )
         if eot is None:
             raise SftError(
                 f"{example.where}: the chat template closes assistant turns with no special end-of-turn token, so "
@@ -200,7 +213,8 @@ def _check_prefix(prompt: list[int], ids: list[int], tokenizer, where: str, turn
     raise SftError(
         f"{where}: round-trip check failed at assistant turn {turn}: the inference prompt "
         "(add_generation_prompt=True) is not a prefix of the training tokens; they diverge at token "
-        f"{at}: inference {tokenizer.decode(prompt[at : at + 8])!r} vs training {tokenizer.decode(ids[at : at + 8])!r}. "
+        f"{at}: inference {tokenizer.decode(prompt[at : at + 8])!r} vs "
+        f"training {tokenizer.decode(ids[at : at + 8])!r}. "
         "The model would be trained on a rendering it never sees at inference; fix the chat template "
         "(model.chat_template)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -49,6 +50,9 @@ def defaults() -> dict[str, Any]:
         "include_num_input_tokens_seen": "non_padding",
         "seed": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+        # Several CPU processes (torchrun / accelerate launch --multi_gpu on a CPU machine) talk through gloo;
+        # left unset, each process would train alone.
+        "ddp_backend": None if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
     }
 
 
