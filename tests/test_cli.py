@@ -108,3 +108,17 @@ def test_four_bit_on_cpu_is_refused_before_anything_is_written(tmp_path):
     )
     assert_user_error(result, "load_in_4bit", "CUDA")
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_report_marks_trained_tokens_and_speaks_json(tmp_path):
+    model = f"model.name_or_path={tmp_path / 'tiny'}"
+    shown = sft("data", "configs/tiny.yaml", model, "--examples", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert "| data/reverse/train.jsonl | train | messages | 2000 | 2000 |" in shown.stdout
+    assert "[[paints garden table fish city opens<|im_end|>]]" in shown.stdout  # train.jsonl line 1
+    assert "\x1b[" not in shown.stdout  # not a terminal: brackets, no colour
+    report = json.loads(sft("data", "configs/tiny.yaml", model, "--json", "--examples", "1").stdout)
+    assert report["total"]["rows"] == 2200 and len(report["examples"]) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    assert_user_error(sft("data", "configs/tiny.yaml", model, f"data.train={bad}"), f"{bad} line 1")

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   sft train configs/tiny.yaml                          # the offline demo
   sft train configs/tiny.yaml train.learning_rate=1e-3 # dotted overrides
   sft check configs/qwen2_5_0_5b/lora.yaml             # validate a config without loading anything
+  sft data configs/tiny.yaml --examples 5              # token counts and the trained tokens, per source
   sft generate runs/tiny --prompt "reverse: the cat sat"
 """
 
@@ -30,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="run every stage into runs/<name>/", description=_doc_train())
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+
+    data = commands.add_parser(
+        "data",
+        help="show per-source token counts and examples with the trained tokens marked",
+        description="Tokenize the config's data exactly as `sft train` would and show, per source: rows, format, "
+        "token-length percentiles, the share of trained tokens and rows dropped as too long; then examples with "
+        "the trained tokens in green (in [[brackets]] when not a terminal). Exits 2 on a fatal data problem.",
+    )
+    data.add_argument("config")
+    data.add_argument("overrides", nargs="*")
+    data.add_argument("--examples", type=int, default=3, help="rows to render (default 3)")
+    data.add_argument("--json", action="store_true", help="print the report as JSON")
 
     check = commands.add_parser("check", help="validate a config (schema and trl.SFTConfig) and exit")
     check.add_argument("config")
@@ -54,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sft data ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,6 +78,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         config = load_config(args.config, args.overrides)
         print(f"{args.config}: valid ({config.model.name_or_path}, LoRA r={config.adapter.r})")
+        return 0
+    if args.command == "data":
+        import json
+
+        from sft.inspect_data import format_report, inspect
+
+        report = inspect(load_config(args.config, args.overrides), examples=args.examples)
+        if args.json:
+            print(
+                json.dumps(
+                    {**report, "examples": [{k: v for k, v in e.items() if k != "color"} for e in report["examples"]]},
+                    indent=2,
+                )
+            )
+        else:
+            print(format_report(report, color=sys.stdout.isatty()))
         return 0
     if args.command == "train":
         from sft.pipeline import train_run

@@ -6,9 +6,11 @@ The base model is the same weights with the adapter switched off, so both column
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,6 @@ def heldout_loss(model, rows: list[dict[str, list[int]]]) -> tuple[float, float]
     total_loss, total_right, total_tokens = 0.0, 0, 0
     start = 0
     while start < len(order):
-        longest = len(rows[order[start]]["input_ids"])
         end = start + 1
         while end < len(order) and (end - start + 1) * len(rows[order[end]]["input_ids"]) <= LOSS_TOKENS_PER_BATCH:
             end += 1
@@ -164,3 +165,40 @@ def _fmt(value: float, signed: bool = False) -> str:
 def _short(text: str, limit: int = 80) -> str:
     text = re.sub(r"\s+", " ", text).strip()
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def plot_training(metrics_path: Path, report: dict | None, out: Path) -> None:
+    """loss.png: training (and eval) loss against step; beside it, held-out metrics base vs tuned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    train = [(e["step"], e["loss"]) for e in logs if "loss" in e]
+    held_out = [(e["step"], e["eval_loss"]) for e in logs if "eval_loss" in e]
+    compare = report is not None and "base" in report
+    fig, axes = plt.subplots(1, 2 if compare else 1, figsize=(11 if compare else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out loss", color="tab:orange")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy per trained token (nats)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if compare:
+        ax = axes[0][1]
+        names = [m for m in ("token_accuracy", "exact_match", "token_f1") if report["tuned"].get(m) is not None]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [report["base"][m] for m in names], 0.4, label="base", color="tab:gray")
+        ax.bar([i + 0.2 for i in x], [report["tuned"][m] for m in names], 0.4, label="tuned", color="tab:green")
+        for i, m in enumerate(names):
+            ax.text(i + 0.2, report["tuned"][m] + 0.02, f"{report['tuned'][m]:.2f}", ha="center")
+            ax.text(i - 0.2, report["base"][m] + 0.02, f"{report['base'][m]:.2f}", ha="center")
+        ax.set_xticks(list(x), names)
+        ax.set(ylim=(0, 1.25), title="Held-out: base vs tuned")
+        ax.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
-from sft.evaluate import evaluate, report_markdown
+from sft.evaluate import evaluate, plot_training, report_markdown
 from sft.export import export
 from sft.model import (
     apply_lora,
@@ -94,6 +94,7 @@ def train_run(config: RunConfig) -> Path:
             card["metrics_markdown"] = report_markdown(report)
             write_json(run_dir / "report.json", report)
             (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
+        plot_training(run_dir / "metrics.jsonl", report if config.eval.enabled else None, run_dir / "loss.png")
         log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
         report["export"] = export(model, tokenizer, run_dir, config, stop, card)
         write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})

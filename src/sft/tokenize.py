@@ -37,7 +37,7 @@ class TokenStats:
         out["trained_fraction"] = round(self.trained_tokens / max(self.tokens, 1), 4)
         if self.lengths:
             ordered = sorted(self.lengths)
-            for p in (50, 95, 100):
+            for p in (50, 90, 95, 99, 100):
                 out[f"length_p{p}"] = ordered[min(len(ordered) - 1, len(ordered) * p // 100)]
         return out
 

@@ -44,6 +44,8 @@ def defaults() -> dict[str, Any]:
         "bf16": bf16,  # TRL turns bf16 on everywhere, which is an error on a CPU-only machine
         "report_to": "none",
         "logging_steps": 10,
+        "eval_strategy": "steps",  # a held-out loss curve beside the training one: overfitting shows at a glance
+        "eval_steps": 0.1,  # a fraction: ten evaluations per run, whatever its length
         "save_strategy": "steps",
         "save_steps": 500,
         "save_total_limit": 2,
