@@ -24,7 +24,7 @@ def sft(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Complete
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("sft: error: ")
+    assert any(line.startswith("sft: error: ") for line in result.stderr.splitlines()), result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
 

@@ -330,16 +330,45 @@ def test_duplicates_and_train_eval_overlap_are_warned_about(tmp_path):
     evals = write_jsonl(tmp_path / "eval.jsonl", [qa(3), qa(2), qa(9)])
     data = load_dataset(DataConfig(train=str(train), eval=str(evals)))
     assert data.warnings == [
-        "2 training row(s) are exact duplicates of another",
-        "2 eval row(s) also appear in the training data: eval scores are inflated",
+        f"2 training row(s) are exact duplicates of another (first: {train} line 2 repeats {train} line 1)",
+        "2 eval row(s) also appear in the training data: eval scores are inflated "
+        f"(e.g. eval {evals} line 1 is train {train} line 5)",
     ]
+
+
+def test_duplicates_error_names_the_count_and_locations(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(1), qa(2), qa(1), qa(3), qa(1)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [qa(9), qa(3)])
+    config = DataConfig(train=str(train), eval=str(evals), duplicates="error")
+    with pytest.raises(SftError) as info:
+        load_dataset(config)
+    message = str(info.value)
+    assert (
+        f"2 training row(s) are exact duplicates of another (first: {train} line 3 repeats {train} line 1)" in message
+    )
+    assert "1 eval row(s) also appear in the training data" in message
+    assert f"e.g. eval {evals} line 2 is train {train} line 4" in message
+    assert "data.duplicates=warn" in message
+
+
+def test_duplicates_error_with_overlap_alone_and_a_clean_dataset(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(1), qa(2)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [qa(2)])
+    with pytest.raises(SftError, match=r"^data: 1 eval row\(s\) also appear .*eval .*eval.jsonl line 1 is train "):
+        load_dataset(DataConfig(train=str(train), eval=str(evals), duplicates="error"))
+    clean = write_jsonl(tmp_path / "clean.jsonl", [qa(3)])
+    data = load_dataset(DataConfig(train=str(train), eval=str(clean), duplicates="error"))
+    assert data.warnings == [] and len(data.train) == 2
 
 
 def test_the_same_conversation_in_two_formats_is_a_duplicate(tmp_path):
     alpaca = write_json(tmp_path / "a.json", [{"instruction": "What is 2+2?", "input": "", "output": "4"}])
     messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": QA}])
     data = load_dataset(DataConfig(train=[str(alpaca), str(messages)], eval=str(messages)))
-    assert data.warnings[0] == "1 training row(s) are exact duplicates of another"
+    assert (
+        data.warnings[0]
+        == f"1 training row(s) are exact duplicates of another (first: {messages} line 1 repeats {alpaca} row 0)"
+    )
     assert "1 eval row(s) also appear" in data.warnings[1]
 
 
@@ -567,8 +596,11 @@ def test_a_null_extra_field_loses_nothing_and_is_accepted(tmp_path):
     "turn, fragments",
     [
         ({"role": "assistant", "content": "4", "weight": 0}, ["messages[1]: key(s) ['weight'] would be ignored"]),
-        ({"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}, ["messages[1]: key(s) ['tool_calls']"]),
-        ({"role": "assistant", "content": "4", "name": "bot"}, ["expected only 'role' and 'content'"]),
+        ({"role": "assistant", "content": "4", "name": "bot"}, ["expected only 'role', 'content' and 'tool_calls'"]),
+        (
+            {"role": "user", "content": "4", "tool_calls": []},
+            ["['tool_calls']", "tool_calls belongs on assistant turns"],
+        ),
     ],
 )
 def test_a_turn_key_that_would_be_ignored_is_refused(tmp_path, turn, fragments):
@@ -583,11 +615,18 @@ def test_a_sharegpt_turn_key_that_would_be_ignored_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "content, kind",
-    [(None, "NoneType"), (4, "int"), (4.5, "float"), ([{"type": "text", "text": "4"}], "list"), ({"t": 1}, "dict")],
+    [(4, "int"), (4.5, "float"), ([{"type": "text", "text": "4"}], "list"), ({"t": 1}, "dict")],
 )
 def test_message_content_that_is_not_a_string(tmp_path, content, kind):
     path = write_jsonl(tmp_path / "x.jsonl", [qa(1), {"messages": [QA[0], {"role": "assistant", "content": content}]}])
     fails(path, f"line 2, messages[1]: 'content' must be a string, got {kind}")
+
+
+def test_null_content_is_an_empty_assistant_turn_and_a_type_error_elsewhere(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [QA[0], {"role": "assistant", "content": None}]}])
+    fails(path, "line 1, messages[1]: empty assistant turn ('content' is null and there are no tool_calls)")
+    path = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "user", "content": None}, QA[1]]}])
+    fails(path, "line 1, messages[0]: 'content' must be a string, got NoneType")
 
 
 def test_sharegpt_value_that_is_not_a_string(tmp_path):

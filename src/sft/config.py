@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from sft.errors import SftError
 
@@ -54,7 +55,10 @@ class ModelConfig(_Section):
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     chat_template: str | None = Field(
-        None, description="Path to a .jinja file replacing the tokenizer's own chat template (None: keep it)"
+        None,
+        description="Replace the tokenizer's chat template: a named template (chatml) or a .jinja file. None keeps "
+        "the tokenizer's own. A named template's special tokens are added to the vocabulary if missing, the "
+        "embeddings grow to fit and their new rows are trained and saved with the adapter",
     )
     tiny: TinyModelSpec | None = Field(
         None, description="Build a tiny random Llama at name_or_path when it does not exist (offline stand-in)"
@@ -74,12 +78,86 @@ class ModelConfig(_Section):
 FormatName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
+class RowTemplate(_Section):
+    """A conversation built from arbitrary columns: each value is a `str.format` string over the row's columns.
+
+    `{column}` inserts the column's value verbatim (braces inside the value stay text); `{{` and `}}` are literal
+    braces in the template itself. Placeholders name columns only: no positions, attributes or indexing.
+    """
+
+    system: str | None = Field(None, description="System turn; dropped for a row where it renders empty")
+    user: str = Field(description='User turn, e.g. "Translate to French: {english}"')
+    assistant: str = Field(description='Assistant turn (what is learnt), e.g. "{french}"')
+
+    @field_validator("system", "user", "assistant")
+    @classmethod
+    def _placeholders_name_columns(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parts = list(string.Formatter().parse(value))
+        except ValueError as err:
+            raise ValueError(
+                f"not a valid str.format template ({err}); write {{{{ and }}}} for literal braces"
+            ) from None
+        for _, name, spec, _ in parts:
+            if name is None:
+                continue
+            if not name or name.isdigit() or any(c in name for c in ".[]"):
+                raise ValueError(f"placeholder {{{name}}} must name a column, e.g. {{question}}")
+            if spec and "{" in spec:
+                raise ValueError(f"placeholder {{{name}}} has a nested placeholder in its format spec {spec!r}")
+        return value
+
+
 class SourceConfig(_Section):
-    path: str = Field(description="A .jsonl, .json, .csv or .parquet file, or a folder of them")
-    format: FormatName = Field("auto", description="Detected from the columns when auto")
+    path: str = Field(
+        description="A .jsonl, .json, .csv or .parquet file, a folder of them, a folder written by "
+        "datasets' save_to_disk, or a Hugging Face hub dataset id (owner/name) when no such local path exists"
+    )
+    format: FormatName | Literal["template"] = Field(
+        "auto", description="Detected from the columns when auto; 'template' when `template` is given"
+    )
     extra_fields: Literal["error", "ignore"] = Field(
         "error", description="Row fields the format does not read (ids, metadata): an error, or ignored on purpose"
     )
+    split: str = Field("train", description="Split of a hub dataset or of a saved DatasetDict")
+    subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Training sources only. The rows of this source left for training after the train/eval split "
+        "(so eval never holds repeated copies) are taken round(weight * rows) times, rounded half up: a fraction "
+        "is a sample without replacement, above 1 whole copies plus a sampled remainder; seeded by data.seed",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Format field -> the file's column, applied before format detection, e.g. "
+        "{instruction: question, output: answer} or {messages: dialog}",
+    )
+    template: RowTemplate | None = Field(
+        None, description="Build each row's conversation from its columns (format becomes 'template')"
+    )
+
+    @model_validator(mode="after")
+    def _template_or_format(self) -> SourceConfig:
+        if self.template is not None:
+            if self.format not in ("auto", "template"):
+                raise ValueError(
+                    f"template builds the conversation itself; drop format {self.format!r} (or set it to template)"
+                )
+            if self.columns:
+                raise ValueError("template names the file's columns directly; drop columns")
+            self.format = "template"
+        elif self.format == "template":
+            raise ValueError("format 'template' needs a template: {user: ..., assistant: ...}")
+        if self.columns:
+            taken = [c for c in set(self.columns.values()) if list(self.columns.values()).count(c) > 1]
+            if taken:
+                raise ValueError(
+                    f"columns maps several fields to column(s) {sorted(taken)}; each column feeds one field"
+                )
+        return self
 
 
 class DataConfig(_Section):
@@ -91,14 +169,26 @@ class DataConfig(_Section):
     on_too_long: Literal["drop", "error"] = Field(
         "drop", description="Rows longer than max_length are dropped and counted, or stop the run"
     )
+    duplicates: Literal["warn", "error"] = Field(
+        "warn", description="Exact duplicate rows and train/eval overlap: a warning, or stop the run"
+    )
+    cache_dir: str | None = Field(
+        ".cache/sft", description="Tokenized data is cached here, keyed by everything that changes the tokens"
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
-    def _paths_to_sources(cls, value: Any) -> Any:
+    def _paths_to_sources(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, (str, dict)):
             value = [value]
         if isinstance(value, list):
-            return [{"path": v} if isinstance(v, str) else v for v in value]
+            value = [{"path": v} if isinstance(v, str) else v for v in value]
+            weighted = [i for i, v in enumerate(value) if isinstance(v, dict) and "weight" in v]
+            if info.field_name == "eval" and weighted:
+                raise ValueError(
+                    f"eval source {weighted[0]} has a weight; weights mix training sources only (eval is scored "
+                    "on every row as given)"
+                )
         return value
 
 

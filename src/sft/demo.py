@@ -13,14 +13,8 @@ import tempfile
 from pathlib import Path
 
 from sft.config import TinyModelSpec
+from sft.model import CHATML_TEMPLATE
 
-# ChatML, the template Qwen2.5 and many others use. The answer ends with <|im_end|>, the end-of-turn token.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 
 

@@ -72,7 +72,7 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
     reload_tol = RELOAD_TOLERANCE if dtype_is_fp32 else LOW_PRECISION_TOLERANCE
     merge_tol = MERGE_TOLERANCE if dtype_is_fp32 else LOW_PRECISION_TOLERANCE
     check_finite(model)
-    ids = probe_inputs(min(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    ids = probe_inputs(len(tokenizer))  # every id has a row: checked before training (check_vocab)
     expected = logits_of(model, ids)
     result: dict = {"adapter": str(run_dir / "adapter")}
     base = base_reference(config.model)
@@ -85,14 +85,15 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
         meta = {"base_model": base, "revision": config.model.revision, "stop_token_ids": sorted(stop)}
         (tmp / "sft_export.json").write_text(json.dumps(meta, indent=2) + "\n")
         if config.export.verify:
-            reloaded = PeftModel.from_pretrained(load_model(config.model), tmp)
+            reloaded = PeftModel.from_pretrained(load_model(config.model, tokenizer), tmp)
             result["adapter_reload_max_abs_diff"] = _compare(expected, logits_of(reloaded, ids), reload_tol, "adapter")
             del reloaded
         (tmp / "README.md").write_text(model_card(config, base, result, card))
 
     if config.export.merged:
         with atomic_dir(run_dir / "merged") as tmp:
-            merged = PeftModel.from_pretrained(load_model(config.model), run_dir / "adapter").merge_and_unload()
+            base = load_model(config.model, tokenizer)
+            merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
             if config.export.verify:
                 result["merged_max_abs_diff"] = _compare(expected, logits_of(merged, ids), merge_tol, "merged model")
             merged.save_pretrained(tmp, safe_serialization=True)

@@ -33,7 +33,7 @@ def load_for_inference(path: Path):
     if (folder / "adapter_config.json").is_file():
         base_name = meta.get("base_model") or read_adapter_base(folder)
         base = ModelConfig(name_or_path=base_name, revision=meta.get("revision"))
-        model = PeftModel.from_pretrained(load_model(base), folder)
+        model = PeftModel.from_pretrained(load_model(base, tokenizer), folder)
     else:
         model = load_model(ModelConfig(name_or_path=str(folder)))
     eos = model.generation_config.eos_token_id

@@ -11,6 +11,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from sft.config import AdapterConfig, ModelConfig
 from sft.errors import SftError
 
+# ChatML, the template Qwen2.5 and many others use; the answer ends with <|im_end|>, the end-of-turn token.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Named templates for models whose tokenizer has none (base models): the template and the special tokens it writes.
+NAMED_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"])}
+TEMPLATE_TOKENS = {token for _, tokens in NAMED_TEMPLATES.values() for token in tokens}
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
@@ -58,10 +69,19 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **_source_kwargs(config))
     except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
         raise _load_error(config, "tokenizer", err) from None
-    if config.chat_template is not None:
+    if config.chat_template in NAMED_TEMPLATES:
+        template, tokens = NAMED_TEMPLATES[config.chat_template]
+        tokenizer.chat_template = template
+        missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+        if missing:  # the embeddings grow to fit them (load_model) and their rows are trained (apply_lora)
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    elif config.chat_template is not None:
         path = Path(config.chat_template)
         if not path.is_file():
-            raise SftError(f"model.chat_template: file not found: {path} (expected a .jinja chat template)")
+            raise SftError(
+                f"model.chat_template={config.chat_template!r}: neither a named template "
+                f"({', '.join(NAMED_TEMPLATES)}) nor an existing .jinja file"
+            )
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     ensure_pad_token(tokenizer)
     # Left padding for batched generation: new tokens follow the prompt directly. Training pads with -100 labels.
@@ -79,12 +99,23 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
 
 
-def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config) -> None:
-    """Every id the tokenizer can produce must have an embedding row (rows may be more: Qwen2.5 pads to 151936)."""
+def embedding_rows(model_config) -> int | None:
     rows = getattr(model_config, "vocab_size", None)
     if rows is None and hasattr(model_config, "get_text_config"):
         rows = model_config.get_text_config().vocab_size
-    if rows is not None and len(tokenizer) > rows:
+    return rows
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config) -> None:
+    """Every id the tokenizer can produce must have an embedding row (rows may be more: Qwen2.5 pads to 151936).
+
+    Past the last row only a named template's special tokens are allowed: the embeddings grow to fit them.
+    """
+    rows = embedding_rows(model_config)
+    grown = (
+        rows is not None and set(tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer))))) <= TEMPLATE_TOKENS
+    )
+    if rows is not None and len(tokenizer) > rows and not grown:
         raise SftError(
             f"the tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows: ids past "
             f"{rows - 1} would index nothing. The tokenizer does not belong to this model (or tokens were added "
@@ -114,7 +145,8 @@ def build_quantization_config(config: ModelConfig):
     )
 
 
-def load_model(config: ModelConfig) -> PreTrainedModel:
+def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """The base model; with a tokenizer that has grown (a named template's tokens), embeddings grow to fit it."""
     kwargs = dict(
         dtype=resolve_dtype(config.dtype),
         attn_implementation=config.attn_implementation,
@@ -127,35 +159,56 @@ def load_model(config: ModelConfig) -> PreTrainedModel:
     except (OSError, ValueError, ImportError) as err:
         raise _load_error(config, "model weights (safetensors)", err) from None
     model.config.use_cache = False  # training; generation turns it back on
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # Only upward, only when tokens were added; new rows start at the mean of the old ones.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
 
 
-def build_lora_config(config: AdapterConfig):
-    """The one place a peft LoraConfig is built."""
+def build_lora_config(config: AdapterConfig, new_tokens: list[int], train_head: str | None):
+    """The one place a peft LoraConfig is built.
+
+    `new_tokens`: embedding rows added for a chat template, trained and saved with the adapter. `train_head`: the
+    name of an untied LM head to train in full alongside (TRL's fused loss reads the head's weight directly, so LoRA
+    cannot reach it): without it the model could not learn to emit the end-of-turn token it was just given.
+    """
     from peft import LoraConfig
 
+    modules_to_save = [*(config.modules_to_save or []), *([train_head] if train_head else [])]
     return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
+        trainable_token_indices=new_tokens or None,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
-        modules_to_save=config.modules_to_save,
+        modules_to_save=sorted(set(modules_to_save)) or None,
         bias=config.bias,
         task_type="CAUSAL_LM",
     )
 
 
-def apply_lora(model: PreTrainedModel, config: AdapterConfig):
+def apply_lora(model: PreTrainedModel, config: AdapterConfig, new_tokens: list[int] | None = None):
+    """Wrap the model with LoRA; tokens added to the vocabulary (`new_tokens`) get trained embedding rows."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    head = model.get_output_embeddings()
+    train_head = None
+    if new_tokens and head is not None and head.weight is not model.get_input_embeddings().weight:
+        train_head = next(name for name, module in model.named_modules() if module is head).split(".")[-1]
     try:
-        return get_peft_model(model, build_lora_config(config))
+        peft_model = get_peft_model(model, build_lora_config(config, list(new_tokens or []), train_head))
     except ValueError as err:
         raise SftError(f"adapter: peft could not wrap the model: {err}") from None
+    head = peft_model.get_output_embeddings()
+    if new_tokens and not hasattr(head, "bias") and getattr(head.original_module, "bias", None) is None:
+        # A tied head wrapped for trainable tokens exposes `weight` (merged) but not `bias` (peft 0.21), and TRL's
+        # fused loss reads both: the head has no bias, so say so.
+        head.bias = None
+    return peft_model
 
 
 def read_adapter_base(adapter_dir: Path) -> str:

@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
 from sft.evaluate import evaluate, plot_training, report_markdown
@@ -20,13 +21,13 @@ from sft.model import (
     apply_lora,
     build_quantization_config,
     check_vocab,
+    embedding_rows,
     ensure_tiny_model,
     load_model,
     load_model_config,
     load_tokenizer,
 )
 from sft.runs import create_run_dir, environment, write_json
-from sft.tokenize import tokenize_examples
 from sft.train import build_sft_config, train
 
 
@@ -54,13 +55,23 @@ def train_run(config: RunConfig) -> Path:
     if ensure_tiny_model(config.model, corpus(dataset)):
         log(f"built the stand-in model at {config.model.name_or_path} (tiny random Llama, not a pretrained model)")
     tokenizer = load_tokenizer(config.model)
-    check_vocab(tokenizer, load_model_config(config.model))
-    train_tokens = tokenize_examples(dataset.train, tokenizer, config.data.max_length, config.data.on_too_long)
-    eval_tokens = tokenize_examples(dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long)
+    model_config = load_model_config(config.model)  # config.json alone: checks before any weight is loaded
+    check_vocab(tokenizer, model_config)
+    clock, cache = time.time(), config.data.cache_dir
+    train_tokens, hit = tokenize_cached(
+        dataset.train, tokenizer, config.data.max_length, config.data.on_too_long, cache
+    )
+    eval_tokens, _ = tokenize_cached(dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long, cache)
+    log(f"tokens {'loaded from the cache' if hit else 'computed'} in {time.time() - clock:.2f} s")
     stats = {"train": train_tokens.stats.summary(), "eval": eval_tokens.stats.summary()}
     log(f"data: {_describe(stats['train'])} to train, {_describe(stats['eval'])} held out")
 
-    model = apply_lora(load_model(config.model), config.adapter)
+    rows = embedding_rows(model_config)
+    model = load_model(config.model, tokenizer)
+    added = list(range(rows, len(tokenizer))) if rows is not None else []
+    if added:
+        log(f"added {len(added)} token(s) for the chat template; their embedding rows are trained with the adapter")
+    model = apply_lora(model, config.adapter, added)
     # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
     sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
     main = sft_config.process_index == 0

@@ -1,0 +1,103 @@
+"""Tokenized data cached on disk, keyed by everything that changes the tokens.
+
+The key hashes the normalised examples themselves (so every source's content, format, mapping, weighting and the
+train/eval split are in it without listing config fields), the tokenizer's full state and chat template,
+`max_length` and the too-long policy, the library versions, and the source of the code that turns examples into
+tokens. Change any of them and the data is tokenized again; a stale cache (PITFALLS #13) cannot be hit.
+
+Stored as safetensors (two flat int32 arrays and row offsets) plus a JSON file: no pickle, loads in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+import sft.data
+import sft.tokenize
+from sft.data import Example
+from sft.tokenize import Tokenized, TokenStats, tokenize_examples
+
+FORMAT = 1  # bump when the layout below changes
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab()).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "add_bos_token", None)).encode())
+    return digest.hexdigest()
+
+
+def cache_key(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, on_too_long: str) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.kind, example.where, example.key(), example.tools], default=str).encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(f"{max_length}:{on_too_long}:{FORMAT}".encode())
+    for lib in ("transformers", "tokenizers", "sft"):
+        digest.update(f"{lib}={version(lib)}".encode())
+    for module in (sft.tokenize, sft.data):  # the code that decides the tokens and the labels
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def tokenize_cached(
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    on_too_long: str,
+    cache_dir: str | None,
+) -> tuple[Tokenized, bool]:
+    """`tokenize_examples`, through the cache when `cache_dir` is set; returns (tokens, whether it was a hit)."""
+    if cache_dir is None:
+        return tokenize_examples(examples, tokenizer, max_length, on_too_long), False
+    folder = Path(cache_dir) / cache_key(examples, tokenizer, max_length, on_too_long)
+    if (folder / "meta.json").is_file():
+        return _load(folder), True
+    tokenized = tokenize_examples(examples, tokenizer, max_length, on_too_long)
+    _save(tokenized, folder)
+    return tokenized, False
+
+
+def _save(tokenized: Tokenized, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        lengths = [len(row["input_ids"]) for row in tokenized.rows]
+        save_file(
+            {
+                "input_ids": np.fromiter((t for r in tokenized.rows for t in r["input_ids"]), dtype=np.int32),
+                "labels": np.fromiter((t for r in tokenized.rows for t in r["labels"]), dtype=np.int32),
+                "offsets": np.cumsum([0, *lengths], dtype=np.int64),
+            },
+            str(tmp / "tokens.safetensors"),
+        )
+        meta = {"stats": asdict(tokenized.stats), "end_tokens": sorted(tokenized.end_tokens)}
+        (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete entry
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process cached the same key first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(folder: Path) -> Tokenized:
+    arrays = load_file(str(folder / "tokens.safetensors"))
+    meta = json.loads((folder / "meta.json").read_text())
+    ids, labels, offsets = arrays["input_ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    rows = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets[:-1], offsets[1:])]
+    return Tokenized(rows=rows, stats=TokenStats(**meta["stats"]), end_tokens=set(meta["end_tokens"]))
