@@ -103,3 +103,30 @@ def test_remote_code_on_a_hub_model_needs_a_pinned_revision():
     with pytest.raises(SftError, match="revision"):
         validate_config(minimal(model={"name_or_path": "someone/model", "trust_remote_code": True}))
     validate_config(minimal(model={"name_or_path": "someone/model", "trust_remote_code": True, "revision": "abc123"}))
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"learning_rate": "fast"}, "train.learning_rate: expected float"),
+        ({"per_device_train_batch_size": 0}, "train.per_device_train_batch_size: expected an integer >= 1"),
+        ({"packing_strategy": "foo"}, "train.packing_strategy: expected one of"),
+        ({"max_steps": -5}, "train.max_steps: expected -1"),
+        ({"num_train_epochs": 0}, "train.num_train_epochs: expected a number of epochs > 0"),
+        ({"resume_from_checkpoint": "x"}, "train.resume_from_checkpoint: not settable here"),
+        ({"accelerator_config": "no-such-file.json"}, "train: trl.SFTConfig rejected these options"),
+    ],
+)
+def test_train_values_that_would_only_fail_mid_run_are_caught_up_front(override, needle):
+    with pytest.raises(SftError) as err:
+        validate_config(minimal(train=override))
+    assert needle in str(err.value)
+
+
+def test_a_reporting_integration_that_is_not_installed_is_caught():
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "wandb" in get_available_reporting_integrations():
+        pytest.skip("wandb is installed here")
+    with pytest.raises(SftError, match=r"train.report_to: \['wandb'\] not installed"):
+        validate_config(minimal(train={"report_to": "wandb"}))

@@ -191,5 +191,34 @@ def test_four_bit_without_cuda_is_a_clear_error(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     config = validate_config({**tiny_config(tmp_path), "model": {"name_or_path": str(tmp_path / "nothing")}})
-    with pytest.raises(SftError, match="no such local folder|not a local folder"):
+    with pytest.raises(SftError, match="no such folder"):
         load_tokenizer(config.model)
+
+
+def test_train_without_held_out_rows_and_a_stale_stand_in(trained, tmp_path):
+    """The README's Python example passes no eval rows: training must not need them. And a stand-in model built
+    from another recipe is refused instead of silently reused."""
+    model = apply_lora(load_model(trained.config.model), trained.config.adapter)
+    args = build_sft_config({"max_steps": 2, "save_strategy": "no"}, tmp_path / "out", 64)
+    metrics = train(model, trained.tokenizer, trained.train_tokens.rows[:16], [], args, tmp_path / "m.jsonl")
+    assert metrics["epoch"] > 0
+    other = trained.config.model.model_copy(update={"tiny": trained.config.model.tiny.model_copy(update={"seed": 1})})
+    with pytest.raises(SftError, match="built from another"):
+        ensure_tiny_model(other, corpus(trained.dataset))
+
+
+def test_conversational_prompt_completion_learns_only_the_completion(trained):
+    from sft.data import normalise
+
+    row = {
+        "prompt": [
+            {"role": "user", "content": "reverse: a b"},
+            {"role": "assistant", "content": "b a"},
+            {"role": "user", "content": "reverse: the cat"},
+        ],
+        "completion": [{"role": "assistant", "content": "cat the"}],
+    }
+    example = normalise(row, "prompt_completion", "t row 0")
+    (tokens,) = tokenize_examples([example], trained.tokenizer, 64).rows
+    trained_ids = [label for label in tokens["labels"] if label != IGNORE]
+    assert trained.tokenizer.decode(trained_ids).strip() == "cat the<|im_end|>"

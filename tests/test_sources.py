@@ -564,10 +564,11 @@ json_values = st.recursive(
     max_leaves=8,
 )
 function = st.fixed_dictionaries(
-    {}, optional={"name": json_values | st.just("add"), "arguments": json_values | st.just('{"a": 1}')}
+    {"name": st.just("add") | json_values, "arguments": st.sampled_from(['{"a": 1}', {"a": 1}]) | json_values}
 )
 call = st.fixed_dictionaries(
-    {}, optional={"type": json_values | st.just("function"), "function": function | json_values, "id": json_values}
+    {"function": function | json_values},
+    optional={"type": st.just("function") | json_values, "id": st.just("c1") | json_values},
 )
 fuzz = settings(
     max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -575,7 +576,11 @@ fuzz = settings(
 
 
 @fuzz
-@given(calls=st.lists(call, max_size=2) | json_values, content=json_values, tool_turn=json_values)
+@given(
+    calls=st.lists(call, max_size=2) | json_values,
+    content=st.sampled_from([None, "", "Let me."]) | json_values,
+    tool_turn=st.sampled_from([None, "c1"]) | json_values,
+)
 def test_any_tool_calls_are_read_or_refused_with_sft_error(tmp_path, calls, content, tool_turn):
     row = tool_row()
     row["messages"][1] |= {"tool_calls": calls, "content": content}
@@ -594,13 +599,23 @@ def test_any_tool_calls_are_read_or_refused_with_sft_error(tmp_path, calls, cont
 
 
 @fuzz
-@given(rows=st.lists(st.dictionaries(st.sampled_from(["a", "b", "c", "{a}"]), json_values, max_size=4), min_size=1))
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {"a": st.text(max_size=8) | json_values, "b": st.text(max_size=8) | json_values},
+            optional={"c": st.text(max_size=8) | json_values, "{a}": json_values},
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_any_templated_rows_are_read_or_refused_with_sft_error(tmp_path, rows):
     path = write_jsonl(tmp_path / "fuzz.jsonl", rows)
     try:
-        source = read(path, template={"system": "{c}", "user": "{a}", "assistant": "{b}!"}, extra_fields="ignore")
+        source = read(path, template={"system": "{{c}}", "user": "{a}", "assistant": "{b}!"}, extra_fields="ignore")
     except SftError as err:
         assert str(path) in str(err)
         return
     for row, example in zip(rows, source.examples):
+        assert example.messages[0] == {"role": "system", "content": "{c}"}
         assert example.messages[-1]["content"] == f"{row['b']}!"

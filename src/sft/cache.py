@@ -74,6 +74,7 @@ def tokenize_cached(
 def _save(tokenized: Tokenized, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)
     try:
         lengths = [len(row["input_ids"]) for row in tokenized.rows]
         save_file(

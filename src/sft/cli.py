@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     data.add_argument("config")
     data.add_argument("overrides", nargs="*")
-    data.add_argument("--examples", type=int, default=3, help="rows to render (default 3)")
+    data.add_argument("--examples", type=_non_negative, default=3, help="rows to render (default 3)")
     data.add_argument("--json", action="store_true", help="print the report as JSON")
 
     check = commands.add_parser("check", help="validate a config (schema and trl.SFTConfig) and exit")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("path", help="a run folder, its adapter/ folder, or a merged/ folder")
     gen.add_argument("--prompt", required=True, help="the user message")
     gen.add_argument("--system", help="an optional system message")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=_positive, default=256)
 
     args = parser.parse_args(argv)
     if not args.debug:
@@ -109,6 +109,18 @@ def _run(args: argparse.Namespace) -> int:
         print(answer(model, tokenizer, stop, messages, args.max_new_tokens))
         return 0
     raise AssertionError(args.command)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _quiet_libraries() -> None:

@@ -63,10 +63,15 @@ class Example:
     completion: str = ""
     text: str = ""
     tools: Any = None
+    trained_from: int = 0  # chat: assistant turns before this message index are context, not learnt
 
     def key(self) -> str:
         """What makes two examples the same (for duplicates and train/eval overlap): all that reaches the tokens."""
-        return json.dumps([self.messages, self.prompt, self.completion, self.text, self.tools], sort_keys=True)
+        return json.dumps(
+            [self.messages, self.prompt, self.completion, self.text, self.tools, self.trained_from],
+            sort_keys=True,
+            default=str,
+        )
 
 
 @dataclass
@@ -204,9 +209,9 @@ def read_source(source: SourceConfig) -> Source:
     fmt = source.format
     examples = []
     for where, row in rows:
+        if source.columns:
+            row = map_columns(row, source.columns, where)
         try:
-            if source.columns:
-                row = map_columns(row, source.columns, where)
             if fmt == "auto":
                 fmt = detect_format(row, where)
             if fmt == "template":
@@ -605,7 +610,9 @@ def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error") -> E
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
-            return _chat(prompt + completion, where, "prompt/completion", "role", "content")
+            example = _chat(prompt + completion, where, "prompt/completion", "role", "content")
+            example.trained_from = len(prompt)  # completion-only: assistant turns inside the prompt are context
+            return example
         prompt, completion = _string(row, "prompt", where), _string(row, "completion", where)
         if not completion.strip():
             raise SftError(f"{where}: field 'completion' is empty; expected the answer to learn")

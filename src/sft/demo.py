@@ -6,6 +6,7 @@ built from a seed, so the same config always gives the same "pretrained" weights
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -16,6 +17,15 @@ from sft.config import TinyModelSpec
 from sft.model import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+
+
+RECIPE = "sft_stand_in.json"
+
+
+def stand_in_recipe(spec: TinyModelSpec, corpus: list[str]) -> dict:
+    """What a stand-in model is built from: its spec and the text its tokenizer learnt."""
+    digest = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()[:16]
+    return {"spec": spec.model_dump(), "corpus_sha256": digest}
 
 
 def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None:
@@ -71,15 +81,15 @@ def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "STAND_IN.md").write_text(
             "A tiny random-weight Llama built by `sft` from a seed, standing in for a real pretrained model so the "
             "pipeline runs offline. Its tokenizer was learnt from the training data.\n"
-            + json.dumps(spec.model_dump(), indent=2)
-            + "\n"
         )
+        (tmp / RECIPE).write_text(json.dumps(stand_in_recipe(spec, corpus), indent=2) + "\n")
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from sft.config import EvalConfig
 from sft.data import Example
@@ -70,21 +71,25 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
+    # Plain greedy decoding whatever the model's generation_config says (Qwen2.5 ships repetition_penalty=1.05), so
+    # the scores measure the model. Every value is explicit: generate() fills unset ones from the model's config.
+    greedy = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        eos_token_id=sorted(stop),
+        pad_token_id=pad,
+    )
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=sorted(stop),
-            pad_token_id=pad,
-            use_cache=True,
-        )
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, use_cache=True)
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return outputs
 

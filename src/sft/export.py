@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,12 @@ import yaml
 
 from sft.config import ModelConfig, RunConfig
 from sft.errors import SftError
-from sft.model import load_model
+from sft.model import load_model, resolve_dtype
 
-# fp32 tolerances: a reloaded adapter is the same arithmetic; a merge reorders it (W + BA vs Wx + BAx).
+# fp32 tolerances: a reloaded adapter is the same arithmetic; a merge reorders it (W + BA vs Wx + BAx). In bf16,
+# fp16 or 4 bits the differences are recorded and warned about, not enforced: rounding makes them model-dependent.
 RELOAD_TOLERANCE = 1e-5
 MERGE_TOLERANCE = 1e-4
-LOW_PRECISION_TOLERANCE = 5e-2  # bf16/fp16 logits: record the difference, fail only past this
 
 
 @contextmanager
@@ -30,6 +31,7 @@ def atomic_dir(final: Path):
     """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         yield tmp
         if final.exists():
@@ -68,9 +70,8 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
     """Write adapter/ (and merged/ if asked) into the run folder; return what was written and checked."""
     from peft import PeftModel
 
-    dtype_is_fp32 = next(model.parameters()).dtype == torch.float32
-    reload_tol = RELOAD_TOLERANCE if dtype_is_fp32 else LOW_PRECISION_TOLERANCE
-    merge_tol = MERGE_TOLERANCE if dtype_is_fp32 else LOW_PRECISION_TOLERANCE
+    # Judged by the configured precision: QLoRA's preparation upcasts some parameters, which says nothing.
+    strict = resolve_dtype(config.model.dtype) == torch.float32 and not config.model.load_in_4bit
     check_finite(model)
     ids = probe_inputs(len(tokenizer))  # every id has a row: checked before training (check_vocab)
     expected = logits_of(model, ids)
@@ -82,11 +83,18 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
         _point_to_base(tmp / "adapter_config.json", base, config.model.revision)
         tokenizer.save_pretrained(tmp)
         _save_generation_config(model, tmp, stop)
-        meta = {"base_model": base, "revision": config.model.revision, "stop_token_ids": sorted(stop)}
+        meta = {
+            "base_model": base,
+            "stop_token_ids": sorted(stop),
+            # how the base was loaded, so `sft generate` loads it the same way
+            **config.model.model_dump(include={"revision", "dtype", "attn_implementation", "trust_remote_code"}),
+        }
         (tmp / "sft_export.json").write_text(json.dumps(meta, indent=2) + "\n")
         if config.export.verify:
             reloaded = PeftModel.from_pretrained(load_model(config.model, tokenizer), tmp)
-            result["adapter_reload_max_abs_diff"] = _compare(expected, logits_of(reloaded, ids), reload_tol, "adapter")
+            result["adapter_reload_max_abs_diff"] = _compare(
+                expected, logits_of(reloaded, ids), RELOAD_TOLERANCE, "adapter", strict
+            )
             del reloaded
         (tmp / "README.md").write_text(model_card(config, base, result, card))
 
@@ -95,7 +103,9 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
             base = load_model(config.model, tokenizer)
             merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
             if config.export.verify:
-                result["merged_max_abs_diff"] = _compare(expected, logits_of(merged, ids), merge_tol, "merged model")
+                result["merged_max_abs_diff"] = _compare(
+                    expected, logits_of(merged, ids), MERGE_TOLERANCE, "merged model", strict
+                )
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             _save_generation_config(merged, tmp, stop)
@@ -111,13 +121,16 @@ def check_finite(model) -> None:
             raise SftError(f"refusing to export: adapter tensor {name} holds NaN or infinite values")
 
 
-def _compare(expected: torch.Tensor, got: torch.Tensor, tolerance: float, what: str) -> float:
+def _compare(expected: torch.Tensor, got: torch.Tensor, tolerance: float, what: str, strict: bool) -> float:
     diff = (expected - got).abs().max().item()
-    if not diff <= tolerance:
-        raise SftError(
-            f"export check failed: the {what} written to disk gives logits {diff:.3g} away from the trained model "
-            f"(tolerance {tolerance:g}); nothing was published"
-        )
+    if diff <= tolerance:
+        return diff
+    message = (
+        f"the {what} written to disk gives logits {diff:.3g} away from the trained model (fp32 tolerance {tolerance:g})"
+    )
+    if strict:
+        raise SftError(f"export check failed: {message}; nothing was published")
+    print(f"[sft] warning: {message}; expected in reduced precision, recorded in the model card", file=sys.stderr)
     return diff
 
 

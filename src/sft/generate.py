@@ -32,7 +32,8 @@ def load_for_inference(path: Path):
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if (folder / "adapter_config.json").is_file():
         base_name = meta.get("base_model") or read_adapter_base(folder)
-        base = ModelConfig(name_or_path=base_name, revision=meta.get("revision"))
+        settings = {k: meta[k] for k in ("revision", "dtype", "attn_implementation", "trust_remote_code") if k in meta}
+        base = ModelConfig(name_or_path=base_name, **settings)
         model = PeftModel.from_pretrained(load_model(base, tokenizer), folder)
     else:
         model = load_model(ModelConfig(name_or_path=str(folder)))

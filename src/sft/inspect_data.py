@@ -8,6 +8,8 @@ without. Nothing here decides what is trained: that is `sft.tokenize`, reused as
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sft.config import RunConfig
 from sft.data import Example, load_dataset
 from sft.model import check_vocab, ensure_tiny_model, load_model_config, load_tokenizer
@@ -29,7 +31,13 @@ def inspect(config: RunConfig, examples: int = 3) -> dict:
     dataset = load_dataset(config.data)
     ensure_tiny_model(config.model, corpus(dataset))
     tokenizer = load_tokenizer(config.model)
-    check_vocab(tokenizer, load_model_config(config.model))
+    notes = list(dataset.warnings)
+    folder = Path(config.model.name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        # A tokenizer alone is enough to see the tokens; training would need the model and check this then.
+        notes.append(f"{folder} holds no config.json: the vocabulary was not checked against the embedding rows")
+    else:
+        check_vocab(tokenizer, load_model_config(config.model))
 
     n_train = len(config.data.train)
     sources, total = [], TokenStats()
@@ -75,7 +83,7 @@ def inspect(config: RunConfig, examples: int = 3) -> dict:
         "fingerprint": dataset.fingerprint(),
         "sources": sources,
         "total": {"rows": sum(s["rows"] for s in sources), **total.summary()},
-        "warnings": list(dataset.warnings),
+        "warnings": notes,
         "examples": rendered,
     }
 

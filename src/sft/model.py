@@ -31,11 +31,20 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def ensure_tiny_model(config: ModelConfig, corpus: list[str]) -> bool:
     """Build the stand-in model at `name_or_path` if the config asks for one and it is absent; True if built."""
-    path = Path(config.name_or_path)
-    if config.tiny is None or path.exists():
-        return False
-    from sft.demo import build_tiny_model
+    from sft.demo import RECIPE, build_tiny_model, stand_in_recipe
 
+    path = Path(config.name_or_path)
+    if config.tiny is None:
+        return False
+    if path.exists():
+        recipe = path / RECIPE
+        if recipe.is_file() and json.loads(recipe.read_text()) != stand_in_recipe(config.tiny, corpus):
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: the stand-in model there was built from another "
+                "model.tiny spec or other training data; delete that folder to rebuild it, or point name_or_path "
+                "elsewhere"
+            )
+        return False
     build_tiny_model(config.tiny, path, corpus)
     return True
 
@@ -46,13 +55,14 @@ def _source_kwargs(config: ModelConfig) -> dict:
 
 def _load_error(config: ModelConfig, what: str, err: Exception) -> SftError:
     where = config.name_or_path
-    if not Path(where).exists() and "/" not in where.strip("/"):
-        hint = "no such local folder, and not a hub id (owner/name)"
-    elif not Path(where).exists():
+    looks_local = where.startswith(("/", ".", "~")) or where.count("/") != 1
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not Path(where).exists() and looks_local:
+        return SftError(f"model.name_or_path={where!r}: no such folder (and not a hub id of the form owner/name)")
+    if not Path(where).exists():
         hint = "not a local folder; as a hub id it could not be fetched (offline? gated? misspelt?)"
     else:
-        hint = "the folder exists but does not hold a loadable model/tokenizer"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "the folder exists but its files did not load"
     return SftError(f"model.name_or_path={where!r}: could not load the {what}: {hint}. ({first})")
 
 

@@ -27,7 +27,7 @@ from sft.model import (
     load_model_config,
     load_tokenizer,
 )
-from sft.runs import create_run_dir, environment, write_json
+from sft.runs import check_runs_dir, create_run_dir, environment, write_json
 from sft.train import build_sft_config, train
 
 
@@ -49,6 +49,7 @@ def train_run(config: RunConfig) -> Path:
     started = time.time()
 
     build_quantization_config(config.model)  # 4-bit without CUDA fails here, before anything is built or read
+    check_runs_dir(config.output.runs_dir)
     dataset = load_dataset(config.data)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
@@ -84,6 +85,9 @@ def train_run(config: RunConfig) -> Path:
         log(f"run folder: {run_dir}")
         (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
         write_json(run_dir / "environment.json", environment())
+        write_json(
+            run_dir / "train_args.json", sft_config.to_dict()
+        )  # every SFTConfig value in force (tokens redacted)
         sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
         write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
         write_json(run_dir / "run.json", {"status": "training"})

@@ -19,6 +19,7 @@ LIBRARIES = ("sft", "torch", "transformers", "trl", "peft", "datasets", "acceler
 def create_run_dir(runs_dir: str, name: str) -> Path:
     """A new folder runs_dir/name, or name-2, name-3... if taken: a run never overwrites another."""
     root = Path(runs_dir)
+    check_runs_dir(runs_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -33,6 +34,15 @@ def create_run_dir(runs_dir: str, name: str) -> Path:
     raise SftError(f"{root}: no free run folder name for {name!r}")
 
 
+def check_runs_dir(runs_dir: str) -> None:
+    """Fail before any work if the runs folder cannot be one (checked again, atomically, when the run starts)."""
+    for parent in [Path(runs_dir), *Path(runs_dir).parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SftError(f"output.runs_dir={runs_dir!r}: {parent} is a file, not a folder")
+            return
+
+
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
@@ -40,9 +50,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def git_sha() -> str | None:
+    """The commit of the sft code that ran (its checkout, wherever the run was started from), "-dirty" if edited."""
+    here = ["git", "-C", str(Path(__file__).resolve().parent)]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+        sha = subprocess.run([*here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run([*here, "status", "--porcelain"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

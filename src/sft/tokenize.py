@@ -12,6 +12,7 @@ Labels are built from these spans, never from `input_ids == pad_id`, so a pad to
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -142,7 +143,10 @@ def end_of_turn_candidates(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 def _reject_literal_special_tokens(example: Example, literal: re.Pattern) -> None:
     texts = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(example.messages)]
-    texts += [("prompt", example.prompt), ("completion", example.completion), ("text", example.text)]
+    # tool calls, tool names and tool schemas reach the template too
+    texts += [(f"messages[{i}]", json.dumps(m, ensure_ascii=False)) for i, m in enumerate(example.messages)]
+    texts += [("tools", json.dumps(example.tools, ensure_ascii=False)), ("prompt", example.prompt)]
+    texts += [("completion", example.completion), ("text", example.text)]
     for name, text in texts:
         found = literal.search(text)
         if found:
@@ -178,7 +182,7 @@ def _chat(example: Example, tokenizer: PreTrainedTokenizerBase, special_ids: set
         raise SftError(f"{example.where}: the rendered conversation starts with two BOS tokens; fix the template")
     labels = [IGNORE] * len(ids)
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or turn < example.trained_from:
             continue
         prompt = _ids(tokenizer, render(tokenizer, messages[:turn], tools, generation_prompt=True), special=False)
         _check_prefix(prompt, ids, tokenizer, example.where, turn)

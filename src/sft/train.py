@@ -31,6 +31,7 @@ RESERVED = {
     "trust_remote_code": "set model.trust_remote_code",
     "pad_token": "the pad token is chosen by the model stage",
     "eos_token": "the end-of-turn token comes from the chat template",
+    "resume_from_checkpoint": "resuming is not supported yet: each `sft train` starts a new run folder",
 }
 
 
@@ -64,8 +65,14 @@ def sft_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(SFTConfig) if f.init}
 
 
+# Values SFTConfig takes without complaint and that only fail (or silently misbehave) once training starts.
+POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+
+
 def check_train_section(train: dict[str, Any]) -> list[str]:
-    """Every problem with a `train` section, by building the SFTConfig it describes."""
+    """Every problem with a `train` section: unknown or reserved keys, wrong types (checked against SFTConfig's own
+    annotations), values that would only fail mid-run, then whatever building the SFTConfig rejects."""
     from sft.config import did_you_mean
 
     valid = sft_fields()
@@ -75,14 +82,49 @@ def check_train_section(train: dict[str, Any]) -> list[str]:
             problems.append(f"train.{key}: not settable here: {RESERVED[key]}")
         elif key not in valid:
             problems.append(f"train.{key}: not a trl.SFTConfig option{did_you_mean(key, valid - set(RESERVED))}")
+        else:
+            problems += _check_value(key, train[key])
     if problems:
         return problems
     try:
         with tempfile.TemporaryDirectory() as tmp:
             build_sft_config(train, output_dir=tmp, max_length=1024)
-    except (TypeError, ValueError) as err:
-        problems.append(f"train: trl.SFTConfig rejected these options: {err}")
+    except Exception as err:  # SFTConfig raises TypeError, ValueError, FileNotFoundError, ImportError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problems.append(f"train: trl.SFTConfig rejected these options: {first}")
     return problems
+
+
+def _check_value(key: str, value: Any) -> list[str]:
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+    from trl import SFTConfig
+
+    hint = typing.get_type_hints(SFTConfig).get(key)
+    try:
+        TypeAdapter(hint).validate_python(value)
+    except ValidationError as err:
+        expected = getattr(hint, "__name__", None) or str(hint)
+        return [f"train.{key}: expected {expected}, got {value!r} ({err.errors()[0]['msg']})"]
+    except Exception:  # an annotation pydantic cannot check: SFTConfig itself will judge the value
+        pass
+    if key in POSITIVE and (not isinstance(value, int) or value < 1):
+        return [f"train.{key}: expected an integer >= 1, got {value!r}"]
+    if key == "max_steps" and isinstance(value, int) and (value == 0 or value < -1):
+        return [f"train.{key}: expected -1 (use num_train_epochs) or a number of steps >= 1, got {value!r}"]
+    if key == "num_train_epochs" and isinstance(value, (int, float)) and value <= 0:
+        return [f"train.{key}: expected a number of epochs > 0, got {value!r}"]
+    if key == "packing_strategy" and value not in PACKING_STRATEGIES:
+        return [f"train.{key}: expected one of {list(PACKING_STRATEGIES)}, got {value!r}"]
+    if key == "report_to":
+        from transformers.integrations import get_available_reporting_integrations
+
+        wanted = [value] if isinstance(value, str) else list(value or [])
+        missing = [r for r in wanted if r not in ("none", "all") and r not in get_available_reporting_integrations()]
+        if missing:
+            return [f"train.report_to: {missing} not installed here (pip install {' '.join(missing)}), or use 'none'"]
+    return []
 
 
 def build_sft_config(train: dict[str, Any], output_dir: str | Path, max_length: int):
@@ -127,15 +169,20 @@ def make_callbacks(metrics_path: Path):
 
 def train(model, tokenizer, train_rows, eval_rows, sft_config, metrics_path: Path) -> dict[str, Any]:
     """Run SFTTrainer on tokenized rows; return the final training metrics."""
+    from transformers.trainer_utils import IntervalStrategy
     from trl import SFTTrainer
 
+    if not eval_rows:  # nothing held out: no evaluation during training (the Trainer would refuse to start)
+        sft_config.eval_strategy = IntervalStrategy.NO
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
         train_dataset=_rows_to_dataset(train_rows),
-        eval_dataset=_rows_to_dataset(eval_rows) if eval_rows and sft_config.eval_strategy != "no" else None,
+        eval_dataset=_rows_to_dataset(eval_rows) if sft_config.eval_strategy != "no" else None,
         processing_class=tokenizer,
         callbacks=make_callbacks(metrics_path),
     )
     result = trainer.train()
+    if trainer.state.global_step == 0:
+        raise SftError("training ran no optimizer step (check train.max_steps / num_train_epochs and the data size)")
     return dict(result.metrics)
