@@ -30,13 +30,27 @@ from sft.tokenize import Tokenized, TokenStats, tokenize_examples
 FORMAT = 1  # bump when the layout below changes
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt")
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's vocabulary and rules (its files, or its full serialisation when it has no local folder) and
+    the in-memory state that can differ from them: template, added and special tokens."""
     digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab()).encode())
+    folder = Path(str(tokenizer.name_or_path))
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
+    if files:  # hashing the files: ~10 ms for Qwen2.5, where serialising the tokenizer takes ~90 ms
+        for file in files:
+            digest.update(file.name.encode() + file.read_bytes())
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        digest.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab()).encode())
     digest.update(str(tokenizer.chat_template).encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    digest.update(str(getattr(tokenizer, "add_bos_token", None)).encode())
+    added = {i: str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+    digest.update(
+        json.dumps([len(tokenizer), added, tokenizer.special_tokens_map], sort_keys=True, default=str).encode()
+    )
+    digest.update(str([getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]).encode())
     return digest.hexdigest()
 
 
