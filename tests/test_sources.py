@@ -619,3 +619,15 @@ def test_any_templated_rows_are_read_or_refused_with_sft_error(tmp_path, rows):
     for row, example in zip(rows, source.examples):
         assert example.messages[0] == {"role": "system", "content": "{c}"}
         assert example.messages[-1]["content"] == f"{row['b']}!"
+
+
+def test_sharegpt_role_map_extends_the_usual_roles(tmp_path):
+    path = tmp_path / "chat.json"
+    turns = [{"from": "customer", "value": "hi"}, {"from": "bot", "value": "hello"}]
+    path.write_text(json.dumps([{"conversations": turns}]))
+    with pytest.raises(SftError, match="unknown role 'customer'"):
+        read_source(SourceConfig(path=str(path)))
+    source = read_source(SourceConfig(path=str(path), roles={"customer": "user", "bot": "assistant"}))
+    assert [m["role"] for m in source.examples[0].messages] == ["user", "assistant"]
+    with pytest.raises(ValueError):
+        SourceConfig(path=str(path), roles={"bot": "robot"})

@@ -123,6 +123,11 @@ class SourceConfig(_Section):
     )
     split: str = Field("train", description="Split of a hub dataset or of a saved DatasetDict")
     subset: str | None = Field(None, description="Configuration (subset) name of a hub dataset")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] | None = Field(
+        None,
+        description="ShareGPT role names of this source mapped to system/user/assistant/tool, added to the usual "
+        "ones (human, gpt, system, function_call, observation), e.g. {bot: assistant, customer: user}",
+    )
     weight: float = Field(
         1.0,
         gt=0,

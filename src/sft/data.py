@@ -218,7 +218,7 @@ def read_source(source: SourceConfig) -> Source:
                 assert source.template is not None  # the config guarantees it
                 examples.append(template_example(row, source.template, where, source.extra_fields))
             else:
-                examples.append(normalise(row, fmt, where, source.extra_fields))
+                examples.append(normalise(row, fmt, where, source.extra_fields, source.roles))
         except SftError as err:
             raise _with_column_map(err, source.columns) from None
     return Source(path=Path(source.path), format=fmt, examples=examples, sha256=sha256)
@@ -578,7 +578,7 @@ def template_example(row: dict, template: RowTemplate, where: str, extra_fields:
 # Formats
 
 
-def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error") -> Example:
+def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error", roles: dict | None = None) -> Example:
     detected = detect_format(row, where)
     if detected != fmt and not (fmt == "text" and "text" in row):
         raise SftError(f"{where}: row looks like {detected!r} but the source is {fmt!r}; mixed formats in one source")
@@ -593,7 +593,8 @@ def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error") -> E
     if fmt == "messages":
         return _chat(row["messages"], where, "messages", role_key="role", content_key="content", tools=row.get("tools"))
     if fmt == "sharegpt":
-        return _chat(row["conversations"], where, "conversations", "from", "value", row.get("tools"), SHAREGPT_ROLES)
+        role_map = {**SHAREGPT_ROLES, **(roles or {})}  # the source's own role names, e.g. {bot: assistant}
+        return _chat(row["conversations"], where, "conversations", "from", "value", row.get("tools"), role_map)
     if fmt == "alpaca":
         instruction = _string(row, "instruction", where)
         extra = _string(row, "input", where, required=False)
