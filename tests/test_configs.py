@@ -130,3 +130,14 @@ def test_a_reporting_integration_that_is_not_installed_is_caught():
         pytest.skip("wandb is installed here")
     with pytest.raises(SftError, match=r"train.report_to: \['wandb'\] not installed"):
         validate_config(minimal(train={"report_to": "wandb"}))
+
+
+def test_a_resolved_config_validates_again(tmp_path):
+    """The run folder's config.yaml (every default written out) must load as it is: `sft export RUN` reads it."""
+    from sft.config import to_yaml
+
+    raw = minimal(data={"train": "a.jsonl", "eval": "b.jsonl"})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(validate_config(raw)))
+    reloaded = load_config(path)
+    assert reloaded.data == validate_config(raw).data and reloaded.model == validate_config(raw).model

@@ -45,7 +45,7 @@ def tiny_config(tmp: Path, **train) -> dict:
             **train,
         },
         "eval": {"max_samples": 8, "max_new_tokens": 8},
-        "export": {"merged": True},
+        "export": {"merged": True, "max_shard_size": "100KB"},
         "output": {"runs_dir": str(tmp / "runs"), "name": "t"},
     }
 
@@ -135,7 +135,7 @@ def test_export_layout_and_model_card(trained):
     card = (adapter / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "peft" and front["base_model"] == trained.config.model.name_or_path
-    assert (trained.run_dir / "merged" / "model.safetensors").is_file()
+    assert (trained.run_dir / "merged" / "model.safetensors.index.json").is_file()  # sharded: max_shard_size
     assert not [p for p in trained.run_dir.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
@@ -222,3 +222,15 @@ def test_conversational_prompt_completion_learns_only_the_completion(trained):
     (tokens,) = tokenize_examples([example], trained.tokenizer, 64).rows
     trained_ids = [label for label in tokens["labels"] if label != IGNORE]
     assert trained.tokenizer.decode(trained_ids).strip() == "cat the<|im_end|>"
+
+
+def test_merged_model_is_sharded_and_the_cards_loading_snippet_runs(trained, tmp_path):
+    merged = trained.run_dir / "merged"
+    assert len(list(merged.glob("model-*.safetensors"))) > 1 and (merged / "model.safetensors.index.json").is_file()
+    card = (trained.run_dir / "adapter" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    snippet += "import torch\nprint(model(torch.tensor([[1, 2, 3]])).logits.shape)\n"
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"torch.Size([1, 3, {len(trained.tokenizer)}])" in done.stdout
+    assert "## Export checks" in card and "adapter_reload_max_abs_diff: 0.0" in card

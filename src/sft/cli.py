@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--system", help="an optional system message")
     gen.add_argument("--max-new-tokens", type=_positive, default=256)
 
+    chat = commands.add_parser("chat", help="talk to an exported adapter or merged model in the terminal")
+    chat.add_argument("path", help="a run folder, its adapter/ folder, or a merged/ folder")
+    chat.add_argument("--system", help="an optional system message")
+    chat.add_argument("--max-new-tokens", type=_positive, default=512)
+
+    export = commands.add_parser("export", help="re-export a run: adapter, merged model, card, checks")
+    export.add_argument("run", help="a run folder written by `sft train`")
+    export.add_argument("--merged", action="store_true", help="also write the merged model")
+
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet_libraries()
@@ -80,8 +90,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid ({config.model.name_or_path}, LoRA r={config.adapter.r})")
         return 0
     if args.command == "data":
-        import json
-
         from sft.inspect_data import format_report, inspect
 
         report = inspect(load_config(args.config, args.overrides), examples=args.examples)
@@ -107,6 +115,16 @@ def _run(args: argparse.Namespace) -> int:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         print(answer(model, tokenizer, stop, messages, args.max_new_tokens))
+        return 0
+    if args.command == "chat":
+        from sft.generate import chat_loop
+
+        chat_loop(Path(args.path), args.system, args.max_new_tokens)
+        return 0
+    if args.command == "export":
+        from sft.export import export_run
+
+        print(json.dumps(export_run(Path(args.run), merged=args.merged), indent=2))
         return 0
     raise AssertionError(args.command)
 

@@ -188,7 +188,7 @@ class DataConfig(_Section):
             value = [value]
         if isinstance(value, list):
             value = [{"path": v} if isinstance(v, str) else v for v in value]
-            weighted = [i for i, v in enumerate(value) if isinstance(v, dict) and "weight" in v]
+            weighted = [i for i, v in enumerate(value) if isinstance(v, dict) and v.get("weight", 1) != 1]
             if info.field_name == "eval" and weighted:
                 raise ValueError(
                     f"eval source {weighted[0]} has a weight; weights mix training sources only (eval is scored "
@@ -220,7 +220,10 @@ class EvalConfig(_Section):
 
 class ExportConfig(_Section):
     merged: bool = Field(False, description="Also write base + adapter merged into one safetensors model")
-    verify: bool = Field(True, description="Reload what was written and compare logits with the in-memory model")
+    verify: bool = Field(
+        True, description="Reload what was written in a fresh process; compare logits and greedy generations"
+    )
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model")
 
 
 class OutputConfig(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import yaml
 
 from sft.config import ModelConfig, RunConfig
 from sft.errors import SftError
+from sft.evaluate import generate
 from sft.model import load_model, resolve_dtype
 
 # fp32 tolerances: a reloaded adapter is the same arithmetic; a merge reorders it (W + BA vs Wx + BAx). In bf16,
@@ -66,8 +68,14 @@ def base_reference(model_config: ModelConfig) -> str:
     return str(path.resolve()) if path.exists() else model_config.name_or_path
 
 
-def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], card: dict) -> dict:
-    """Write adapter/ (and merged/ if asked) into the run folder; return what was written and checked."""
+def export(
+    model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], card: dict, prompts: list[list[int]] = ()
+) -> dict:
+    """Write adapter/ (and merged/ if asked) into the run folder, each checked before it is published.
+
+    The checks load what was written in a fresh process and compare with the in-memory model: logits on fixed
+    inputs, and greedy generations on `prompts` (a few held-out prompts). Returns what was written and measured.
+    """
     from peft import PeftModel
 
     # Judged by the configured precision: QLoRA's preparation upcasts some parameters, which says nothing.
@@ -75,43 +83,108 @@ def export(model, tokenizer, run_dir: Path, config: RunConfig, stop: set[int], c
     check_finite(model)
     ids = probe_inputs(len(tokenizer))  # every id has a row: checked before training (check_vocab)
     expected = logits_of(model, ids)
-    result: dict = {"adapter": str(run_dir / "adapter")}
+    expected_text = generate(model, tokenizer, list(prompts), 16, 1, stop) if prompts else []
+    result: dict = {"adapter": str(run_dir / "adapter"), "vllm_warnings": vllm_warnings(model, config)}
+    for warning in result["vllm_warnings"]:
+        print(f"[sft] warning: vLLM: {warning}", file=sys.stderr)
     base = base_reference(config.model)
 
-    with atomic_dir(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _point_to_base(tmp / "adapter_config.json", base, config.model.revision)
-        tokenizer.save_pretrained(tmp)
-        _save_generation_config(model, tmp, stop)
+    with atomic_dir(run_dir / "adapter") as adapter:
+        model.save_pretrained(adapter, safe_serialization=True)
+        _point_to_base(adapter / "adapter_config.json", base, config.model.revision)
+        tokenizer.save_pretrained(adapter)
+        _save_generation_config(model, adapter, stop)
         meta = {
             "base_model": base,
             "stop_token_ids": sorted(stop),
             # how the base was loaded, so `sft generate` loads it the same way
             **config.model.model_dump(include={"revision", "dtype", "attn_implementation", "trust_remote_code"}),
         }
-        (tmp / "sft_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (adapter / "sft_export.json").write_text(json.dumps(meta, indent=2) + "\n")
         if config.export.verify:
-            reloaded = PeftModel.from_pretrained(load_model(config.model, tokenizer), tmp)
-            result["adapter_reload_max_abs_diff"] = _compare(
-                expected, logits_of(reloaded, ids), RELOAD_TOLERANCE, "adapter", strict
-            )
-            del reloaded
-        (tmp / "README.md").write_text(model_card(config, base, result, card))
+            logits, texts = _load_in_fresh_process(adapter, ids, prompts)
+            result["adapter_reload_max_abs_diff"] = _compare(expected, logits, RELOAD_TOLERANCE, "adapter", strict)
+            result["adapter_generations_equal"] = _same_text(expected_text, texts, "adapter", strict)
 
-    if config.export.merged:
-        with atomic_dir(run_dir / "merged") as tmp:
-            base = load_model(config.model, tokenizer)
-            merged = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
-            if config.export.verify:
-                result["merged_max_abs_diff"] = _compare(
-                    expected, logits_of(merged, ids), MERGE_TOLERANCE, "merged model", strict
-                )
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            _save_generation_config(merged, tmp, stop)
-            result["merged"] = str(run_dir / "merged")
-            del merged
+        if config.export.merged:
+            with atomic_dir(run_dir / "merged") as merged_dir:
+                if config.model.load_in_4bit:
+                    result["merged_warning"] = MERGE_4BIT_WARNING
+                    print(f"[sft] warning: {MERGE_4BIT_WARNING}", file=sys.stderr)
+                merged = PeftModel.from_pretrained(load_model(_for_merging(config.model), tokenizer), adapter)
+                merged = merged.merge_and_unload()
+                merged.save_pretrained(merged_dir, safe_serialization=True, max_shard_size=config.export.max_shard_size)
+                tokenizer.save_pretrained(merged_dir)
+                _save_generation_config(merged, merged_dir, stop)
+                del merged
+                if config.export.verify:
+                    logits, texts = _load_in_fresh_process(merged_dir, ids, prompts)
+                    result["merged_max_abs_diff"] = _compare(expected, logits, MERGE_TOLERANCE, "merged model", strict)
+                    # a merge rounds differently (~1e-5): a near-tie may flip a token, so this one only warns
+                    result["merged_generations_equal"] = _same_text(expected_text, texts, "merged model", False)
+                result["merged"] = str(run_dir / "merged")
+                (merged_dir / "README.md").write_text(model_card(config, base, result, card, merged=True))
+        (adapter / "README.md").write_text(model_card(config, base, result, card))
     return result
+
+
+MERGE_4BIT_WARNING = (
+    "the adapter was trained on a 4-bit base; it is merged into the base dequantized to the compute dtype, so the "
+    "merged model differs from what was trained by the quantization error (measured difference in the card)"
+)
+
+
+def _for_merging(model_config: ModelConfig) -> ModelConfig:
+    """A 4-bit base cannot hold merged weights: merge into the base loaded in the compute dtype instead."""
+    if not model_config.load_in_4bit:
+        return model_config
+    return model_config.model_copy(update={"load_in_4bit": False, "dtype": model_config.bnb_4bit_compute_dtype})
+
+
+def _load_in_fresh_process(folder: Path, ids: torch.Tensor, prompts) -> tuple[torch.Tensor, list[str]]:
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as work:
+        (Path(work) / "inputs.json").write_text(json.dumps({"ids": ids.tolist(), "prompts": list(prompts)}))
+        done = subprocess.run(
+            [sys.executable, "-m", "sft.verify", str(folder), work], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise SftError(f"export check failed: {folder.name} did not load in a fresh process:\n{tail}")
+        texts = json.loads((Path(work) / "generated.json").read_text())
+        return load_file(str(Path(work) / "logits.safetensors"))["logits"], texts
+
+
+def _same_text(expected: list[str], got: list[str], what: str, strict: bool) -> bool:
+    same = expected == got
+    if not same:
+        message = f"greedy generations of the {what} reloaded differ from the trained model's: {got!r} vs {expected!r}"
+        if strict:
+            raise SftError(f"export check failed: {message}; nothing was published")
+        print(f"[sft] warning: {message}", file=sys.stderr)
+    return same
+
+
+def vllm_warnings(model, config: RunConfig) -> list[str]:
+    """What in this adapter vLLM's LoRA support cannot serve (as of vLLM 0.x: linear-layer LoRA only)."""
+    warnings = []
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is None:
+        return warnings
+    if peft_config.modules_to_save:
+        warnings.append(f"modules_to_save {sorted(peft_config.modules_to_save)} (fully trained modules) are ignored")
+    if peft_config.trainable_token_indices:
+        warnings.append("the adapter carries resized embeddings (added tokens): serve the merged model instead")
+    if peft_config.use_dora:
+        warnings.append("DoRA adapters are not supported: serve the merged model")
+    if peft_config.bias != "none":
+        warnings.append(f"bias={peft_config.bias!r}: trained biases are not applied")
+    targets = peft_config.target_modules
+    names = set(targets) if not isinstance(targets, str) else {targets}
+    if names & {"lm_head", "embed_tokens", "wte"}:
+        warnings.append(f"LoRA on {sorted(names & {'lm_head', 'embed_tokens', 'wte'})} is not supported")
+    return warnings
 
 
 def check_finite(model) -> None:
@@ -151,36 +224,76 @@ def _save_generation_config(model, folder: Path, stop: set[int]) -> None:
     generation.save_pretrained(folder)
 
 
-def model_card(config: RunConfig, base: str, checks: dict, card: dict) -> str:
+def model_card(config: RunConfig, base: str, checks: dict, card: dict, merged: bool = False) -> str:
+    """README.md with YAML front matter, metrics, the export checks and loading snippets that run as written."""
+    folder = Path(checks["merged"] if merged else checks["adapter"]).resolve()
     front = {
         "base_model": config.model.name_or_path,
-        "library_name": "peft",
-        "tags": ["sft", "lora", "trl"],
+        "library_name": "transformers" if merged else "peft",
+        "tags": ["sft", "lora", "trl", "merged" if merged else "adapter"],
         "datasets": [s.path for s in config.data.train],
     }
-    metrics = card.get("metrics_markdown", "(evaluation was off)\n")
+    grown = any("resized embeddings" in w for w in checks.get("vllm_warnings", []))
+    checks_md = "".join(f"- {k}: {v}\n" for k, v in checks.items() if k.endswith(("diff", "equal", "warning")))
+    warnings_md = "".join(f"- vLLM: {w}\n" for w in checks.get("vllm_warnings", [])) or "- none\n"
+    if merged:
+        load = (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n```\n\n"
+            f"vLLM: `vllm serve {folder}`\n"
+        )
+    else:
+        load = (
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+            + ("base.resize_token_embeddings(len(tokenizer))  # the adapter added tokens\n" if grown else "")
+            + f"model = PeftModel.from_pretrained(base, {str(folder)!r})\n```\n\n"
+            f"vLLM: `vllm serve {base} --enable-lora --lora-modules sft={folder}`\n"
+        )
     return (
         "---\n"
         + yaml.safe_dump(front, sort_keys=False)
         + "---\n\n"
-        + f"# LoRA adapter for {config.model.name_or_path}\n\n"
+        + f"# {'Merged model' if merged else 'LoRA adapter'} fine-tuned from {config.model.name_or_path}\n\n"
         + f"Fine-tuned with `sft` (TRL SFTTrainer + PEFT LoRA r={config.adapter.r}) on "
         + f"{card.get('train_examples', '?')} examples ({card.get('trained_tokens', '?')} trained tokens); "
         + f"data fingerprint `{card.get('fingerprint', '?')}`.\n\n"
         + "## Held-out evaluation\n\n"
-        + metrics
+        + card.get("metrics_markdown", "(evaluation was off)\n")
         + "\n## Export checks\n\n"
-        + "".join(f"- {k}: {v}\n" for k, v in checks.items() if k.endswith("diff"))
+        + "Reloaded in a fresh process and compared with the trained model (max abs logit difference, greedy "
+        + "generations on held-out prompts):\n\n"
+        + checks_md
+        + "\n## Serving caveats\n\n"
+        + warnings_md
         + "\n## Use it\n\n"
-        + "```python\n"
-        + "from peft import PeftModel\n"
-        + "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        + f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
-        + "model = PeftModel.from_pretrained(base, 'path/to/this/folder')\n"
-        + "tokenizer = AutoTokenizer.from_pretrained('path/to/this/folder')\n"
-        + "```\n\n"
-        + "or `sft generate path/to/this/folder --prompt '...'`.\n\n"
+        + load
+        + f"\nor `sft generate {folder} --prompt '...'` (`sft chat {folder}` for a conversation).\n\n"
         + "## Training config\n\n```yaml\n"
         + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         + "```\n"
     )
+
+
+def export_run(run_dir: Path, merged: bool) -> dict:
+    """`sft export RUN`: load the run's adapter on its base and export it again (adapter, merged model, card,
+    checks), as the end of `sft train` does."""
+    from sft.config import read_yaml, validate_config
+    from sft.generate import load_for_inference
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise SftError(f"{run_dir}: expected a run folder written by `sft train` (config.yaml and adapter/)")
+    config = validate_config(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    config.export.merged = merged or config.export.merged
+    model, tokenizer, stop = load_for_inference(run_dir / "adapter")
+    data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    card = {
+        "train_examples": data.get("train", {}).get("examples", "?"),
+        "trained_tokens": data.get("train", {}).get("trained_tokens", "?"),
+        "fingerprint": data.get("fingerprint", "?"),
+    }
+    if (run_dir / "report.md").is_file():
+        card["metrics_markdown"] = (run_dir / "report.md").read_text()
+    return export(model, tokenizer, run_dir, config, stop, card)

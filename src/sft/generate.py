@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
+
+import torch
 
 from sft.config import ModelConfig
 from sft.errors import SftError
@@ -47,3 +51,98 @@ def answer(model, tokenizer, stop: set[int], messages: list[dict], max_new_token
     text = render(tokenizer, messages, generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return generate(model, tokenizer, [ids], max_new_tokens, batch_size=1, stop=stop)[0]
+
+
+def chat_loop(path: Path, system: str | None, max_new_tokens: int) -> None:
+    """`sft chat`: an interactive conversation in the terminal; answers stream as they are generated.
+
+    /reset clears the conversation, /exit or Ctrl-D ends it; Ctrl-C stops an answer (that turn is dropped) and, at
+    the prompt, ends the session. Prompts are shown only when stdin is a terminal, so piped input gives answers only.
+    """
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+
+    model, tokenizer, stop = load_for_inference(path)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    print(
+        f"[sft] chatting with {resolve_export(path)} (stop tokens {sorted(stop)}). "
+        "/reset clears the conversation; /exit or Ctrl-D quits.",
+        file=sys.stderr,
+    )
+    prompt = "you> " if sys.stdin.isatty() else ""
+    messages = _fresh(system)
+    while True:
+        try:
+            line = input(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            if prompt:
+                print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = _fresh(system)
+            print("[sft] conversation cleared", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = _fit(tokenizer, messages, system, limit, max_new_tokens)
+        try:
+            reply = _stream(model, tokenizer, stop, ids, max_new_tokens)
+        except KeyboardInterrupt:
+            messages.pop()
+            print("\n[sft] answer stopped; that turn is not kept", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _fresh(system: str | None) -> list[dict]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def _fit(tokenizer, messages: list[dict], system: str | None, limit: int | None, max_new_tokens: int) -> list[int]:
+    """Prompt ids of the conversation; the oldest turns (never the system message) are dropped, in place, while the
+    prompt and the answer would not fit the model's context."""
+    ids = _prompt_ids(tokenizer, messages)
+    first = 1 if system else 0
+    dropped = False
+    while limit and len(ids) + max_new_tokens > limit and len(messages) - first > 1:
+        del messages[first : first + 2]  # a user turn and its answer
+        dropped = True
+        ids = _prompt_ids(tokenizer, messages)
+    if dropped:
+        print(f"[sft] oldest turns dropped to fit the model's {limit}-token context", file=sys.stderr)
+    return ids
+
+
+@torch.no_grad()
+def _stream(model, tokenizer, stop: set[int], ids: list[int], max_new_tokens: int) -> str:
+    """Greedy answer to the prompt ids, printed to stdout token by token; returns the decoded answer."""
+    from transformers import GenerationConfig, TextStreamer
+
+    model.eval()
+    device = next(model.parameters()).device
+    greedy = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        eos_token_id=sorted(stop),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    inputs = torch.tensor([ids], device=device)
+    out = model.generate(
+        input_ids=inputs,
+        attention_mask=torch.ones_like(inputs),
+        generation_config=greedy,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        use_cache=True,
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

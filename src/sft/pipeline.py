@@ -28,6 +28,7 @@ from sft.model import (
     load_tokenizer,
 )
 from sft.runs import check_runs_dir, create_run_dir, environment, write_json
+from sft.tokenize import prompt_ids
 from sft.train import build_sft_config, train
 
 
@@ -111,7 +112,8 @@ def train_run(config: RunConfig) -> Path:
             (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
         plot_training(run_dir / "metrics.jsonl", report if config.eval.enabled else None, run_dir / "loss.png")
         log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
-        report["export"] = export(model, tokenizer, run_dir, config, stop, card)
+        prompts = [prompt_ids(tokenizer, e) for e in dataset.eval if e.kind != "text"][:3]
+        report["export"] = export(model, tokenizer, run_dir, config, stop, card, prompts)
         write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})
     if "metrics_markdown" in card:
         print(card["metrics_markdown"])
