@@ -135,7 +135,8 @@ def test_chat_in_a_real_terminal_streams_answers_and_keeps_the_conversation(run,
     first, second = run.reply(FIRST), run.reply(FIRST, SECOND)
     tmux.start("chat", shell_line(run.dir))
     screen = tmux.wait_for("chat", ["you>"])
-    assert any("/exit" in line and "/reset" in line and str(run.dir) in line for line in screen), screen
+    banner = "".join(screen[: screen.index("you>")])  # may wrap
+    assert str(run.dir) in banner and "/reset" in banner and "/exit" in banner and "Ctrl-D" in banner, screen
     tmux("send-keys", "-t", "chat", FIRST, "Enter")
     tmux.wait_for("chat", [f"you> {FIRST}", first.strip(), "you>"])
     tmux("send-keys", "-t", "chat", SECOND, "Enter")  # answered with the first turn in its context

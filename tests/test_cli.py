@@ -36,16 +36,24 @@ def test_demo_meets_its_targets_and_the_export_generates_in_a_new_process(tmp_pa
     result = sft("train", "configs/tiny.yaml", f"output.runs_dir={runs}", f"model.name_or_path={model}")
     assert result.returncode == 0, result.stderr[-3000:]
     run = runs / "tiny"
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads((run / "report" / "report.json").read_text())
     assert report["base"]["exact_match"] <= 0.05
     assert report["tuned"]["exact_match"] >= 0.90
     assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert report["tuned"]["rouge_l"] >= 0.9 and report["base"]["rouge_l"] < 0.5
     assert "| exact_match |" in result.stdout  # the before/after table is printed
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "complete"
     assert status["export"]["adapter_reload_max_abs_diff"] <= 1e-5
     assert status["export"]["merged_max_abs_diff"] <= 1e-4
-    for name in ("config.yaml", "environment.json", "data.json", "metrics.jsonl", "report.md"):
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "data.json",
+        "metrics.jsonl",
+        "report/report.md",
+        "report/report.png",
+    ):
         assert (run / name).is_file(), name
     env = json.loads((run / "environment.json").read_text())
     assert env["versions"]["trl"] and env["versions"]["peft"] and "git_sha" in env
@@ -59,6 +67,15 @@ def test_demo_meets_its_targets_and_the_export_generates_in_a_new_process(tmp_pa
     assert generated.stdout.strip() == expected
     merged = sft("generate", str(run / "merged"), "--prompt", prompt, "--max-new-tokens", "16", cwd=tmp_path)
     assert merged.stdout.strip() == expected
+
+    # Scored again later, with other settings, into the same report folder; then exported again.
+    again = sft("eval", str(run), "eval.max_samples=40", cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    rescored = json.loads((run / "report" / "report.json").read_text())
+    assert rescored["tuned"]["generated"] == 40 and rescored["tuned"]["exact_match"] >= 0.9
+    exported = sft("export", str(run), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["adapter_reload_max_abs_diff"] <= 1e-5
 
 
 def test_help_everywhere():

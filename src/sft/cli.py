@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--system", help="an optional system message")
     gen.add_argument("--max-new-tokens", type=_positive, default=256)
 
+    evaluate = commands.add_parser("eval", help="score a finished run again: base vs tuned, into RUN/report/")
+    evaluate.add_argument("target", help="a run folder, or a config whose newest run is scored")
+    evaluate.add_argument("overrides", nargs="*", help="e.g. eval.max_samples=50 eval.do_sample=true")
+
     chat = commands.add_parser("chat", help="talk to an exported adapter or merged model in the terminal")
     chat.add_argument("path", help="a run folder, its adapter/ folder, or a merged/ folder")
     chat.add_argument("--system", help="an optional system message")
@@ -115,6 +119,11 @@ def _run(args: argparse.Namespace) -> int:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         print(answer(model, tokenizer, stop, messages, args.max_new_tokens))
+        return 0
+    if args.command == "eval":
+        from sft.pipeline import eval_run
+
+        eval_run(Path(args.target), args.overrides)
         return 0
     if args.command == "chat":
         from sft.generate import chat_loop

@@ -216,6 +216,10 @@ class EvalConfig(_Section):
     max_samples: int | None = Field(200, gt=0, description="Held-out prompts to generate for; None: all")
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(128, gt=0)
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (then temperature, top_p, seed)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
 
 
 class ExportConfig(_Section):

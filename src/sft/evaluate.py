@@ -6,6 +6,7 @@ The base model is the same weights with the adapter switched off, so both column
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -29,7 +30,9 @@ class Scores:
     token_accuracy: float
     exact_match: float | None = None
     token_f1: float | None = None
+    rouge_l: float | None = None
     generated: int = 0
+    by_source: dict[str, dict] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
 
 
@@ -66,8 +69,16 @@ def heldout_loss(model, rows: list[dict[str, list[int]]]) -> tuple[float, float]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, stop: set[int]):
-    """Greedy, batched, left-padded generation; returns the decoded new text of each prompt."""
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: set[int],
+    sampling: dict | None = None,
+):
+    """Batched, left-padded generation, greedy unless `sampling` ({temperature, top_p}); the new text per prompt."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -82,6 +93,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         min_length=0,
         eos_token_id=sorted(stop),
         pad_token_id=pad,
+        **({"do_sample": True, "top_k": 0, **sampling} if sampling else {}),
     )
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -109,36 +121,72 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score(model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int]) -> Scores:
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer  # Google's reference implementation; needs no downloads
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    return _rouge().score(reference, prediction)["rougeL"].fmeasure
+
+
+def _generation_scores(predictions: list[str], references: list[str]) -> dict:
+    n = len(references)
+    return {
+        "exact_match": sum(normalise(p) == normalise(r) for p, r in zip(predictions, references)) / n,
+        "token_f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+        "generated": n,
+    }
+
+
+def score(
+    model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int], sources: dict | None = None
+) -> Scores:
+    """Held-out loss on every row, then generation on up to `max_samples` prompts, scored per source too
+    (`sources`: id(example) -> source name)."""
     loss, accuracy = heldout_loss(model, rows)
     result = Scores(loss=loss, perplexity=math.exp(min(loss, 50.0)), token_accuracy=accuracy)
     prompted = [e for e in examples if e.kind != "text"][: config.max_samples]
     if not prompted:
         return result
-    predictions = generate(
-        model, tokenizer, [prompt_ids(tokenizer, e) for e in prompted], config.max_new_tokens, config.batch_size, stop
-    )
+    sampling = {"temperature": config.temperature, "top_p": config.top_p} if config.do_sample else None
+    if sampling:
+        torch.manual_seed(config.seed)
+    prompts = [prompt_ids(tokenizer, e) for e in prompted]
+    predictions = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, stop, sampling)
     references = [reference_answer(e) for e in prompted]
-    result.generated = len(prompted)
-    result.exact_match = sum(normalise(p) == normalise(r) for p, r in zip(predictions, references)) / len(prompted)
-    result.token_f1 = sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(prompted)
+    for key, value in _generation_scores(predictions, references).items():
+        setattr(result, key, value)
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(prompted):
+        groups.setdefault((sources or {}).get(id(example), "all"), []).append(i)
+    if len(groups) > 1:
+        result.by_source = {
+            name: _generation_scores([predictions[i] for i in idx], [references[i] for i in idx])
+            for name, idx in groups.items()
+        }
     result.samples = [
         {"where": e.where, "reference": r, "generated": p} for e, r, p in zip(prompted, references, predictions)
     ][:5]
     return result
 
 
-def evaluate(model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int]) -> dict:
+def evaluate(
+    model, tokenizer, examples: list[Example], rows, config: EvalConfig, stop: set[int], sources: dict | None = None
+) -> dict:
     """Scores of the tuned model and, when asked, of the base (adapter off): {"tuned": {...}, "base": {...}}."""
-    report = {"tuned": asdict(score(model, tokenizer, examples, rows, config, stop))}
+    report = {"tuned": asdict(score(model, tokenizer, examples, rows, config, stop, sources))}
     if config.compare_base:
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with off:
-            report["base"] = asdict(score(model, tokenizer, examples, rows, config, stop))
+            report["base"] = asdict(score(model, tokenizer, examples, rows, config, stop, sources))
     return report
 
 
-METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1")
+METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1", "rouge_l")
 
 
 def report_markdown(report: dict) -> str:
@@ -155,12 +203,37 @@ def report_markdown(report: dict) -> str:
             lines.append(f"| {metric} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(tuned - base, signed=True)} |")
         else:
             lines.append(f"| {metric} | {_fmt(tuned)} |")
+    by_source = report["tuned"].get("by_source") or {}
+    if by_source:
+        lines += ["", "Per source (exact match / token F1 / ROUGE-L):", "", "| source | n | base | tuned |"]
+        lines.append("|---|---:|---|---|")
+        for name, tuned in by_source.items():
+            base = report.get("base", {}).get("by_source", {}).get(name)
+            cells = [
+                " / ".join(f"{s[m]:.3f}" for m in ("exact_match", "token_f1", "rouge_l")) if s else "-"
+                for s in (base, tuned)
+            ]
+            lines.append(f"| {name} | {tuned['generated']} | {cells[0]} | {cells[1]} |")
     samples = report["tuned"]["samples"]
     if samples:
-        lines += ["", "Sample generations (tuned):", ""]
+        base_text = {s["where"]: s["generated"] for s in report.get("base", {}).get("samples", [])}
+        lines += ["", "Sample generations, side by side:", "", "| row | expected | base | tuned |", "|---|---|---|---|"]
         for s in samples[:3]:
-            lines.append(f"- {s['where']}: expected {_short(s['reference'])}, got {_short(s['generated'])}")
+            base = _short(base_text.get(s["where"], "-"), 50)
+            lines.append(f"| {s['where']} | {_short(s['reference'], 50)} | {base} | {_short(s['generated'], 50)} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, report: dict, metrics_path: Path) -> str:
+    """report.json, report.md and report.png into `folder`, which appears complete or not at all."""
+    from sft.export import atomic_dir
+
+    markdown = report_markdown(report)
+    with atomic_dir(folder) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "report.md").write_text(markdown)
+        plot_training(metrics_path, report, tmp / "report.png")
+    return markdown
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -168,7 +241,7 @@ def _fmt(value: float, signed: bool = False) -> str:
 
 
 def _short(text: str, limit: int = 80) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", text).strip().replace("|", "\\|")  # one table cell
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
@@ -194,7 +267,7 @@ def plot_training(metrics_path: Path, report: dict | None, out: Path) -> None:
     ax.legend()
     if compare:
         ax = axes[0][1]
-        names = [m for m in ("token_accuracy", "exact_match", "token_f1") if report["tuned"].get(m) is not None]
+        names = [m for m in METRICS[2:] if report["tuned"].get(m) is not None]
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [report["base"][m] for m in names], 0.4, label="base", color="tab:gray")
         ax.bar([i + 0.2 for i in x], [report["tuned"][m] for m in names], 0.4, label="tuned", color="tab:green")

@@ -294,6 +294,6 @@ def export_run(run_dir: Path, merged: bool) -> dict:
         "trained_tokens": data.get("train", {}).get("trained_tokens", "?"),
         "fingerprint": data.get("fingerprint", "?"),
     }
-    if (run_dir / "report.md").is_file():
-        card["metrics_markdown"] = (run_dir / "report.md").read_text()
+    if (run_dir / "report" / "report.md").is_file():
+        card["metrics_markdown"] = (run_dir / "report" / "report.md").read_text()
     return export(model, tokenizer, run_dir, config, stop, card)

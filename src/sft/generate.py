@@ -65,8 +65,7 @@ def chat_loop(path: Path, system: str | None, max_new_tokens: int) -> None:
     model, tokenizer, stop = load_for_inference(path)
     limit = getattr(model.config, "max_position_embeddings", None)
     print(
-        f"[sft] chatting with {resolve_export(path)} (stop tokens {sorted(stop)}). "
-        "/reset clears the conversation; /exit or Ctrl-D quits.",
+        f"[sft] chat with {resolve_export(path)}: /reset clears the conversation, /exit or Ctrl-D quits",
         file=sys.stderr,
     )
     prompt = "you> " if sys.stdin.isatty() else ""
@@ -136,6 +135,7 @@ def _stream(model, tokenizer, stop: set[int], ids: list[int], max_new_tokens: in
         min_length=0,
         eos_token_id=sorted(stop),
         pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
     )
     inputs = torch.tensor([ids], device=device)
     out = model.generate(
@@ -143,6 +143,5 @@ def _stream(model, tokenizer, stop: set[int], ids: list[int], max_new_tokens: in
         attention_mask=torch.ones_like(inputs),
         generation_config=greedy,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-        use_cache=True,
     )
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
-from sft.evaluate import evaluate, plot_training, report_markdown
+from sft.errors import SftError
+from sft.evaluate import evaluate, write_report
 from sft.export import export
 from sft.model import (
     apply_lora,
@@ -106,11 +107,9 @@ def train_run(config: RunConfig) -> Path:
         }
         if config.eval.enabled:
             log("evaluating the base model (adapter off) and the tuned model on held-out data")
-            report.update(evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop))
-            card["metrics_markdown"] = report_markdown(report)
-            write_json(run_dir / "report.json", report)
-            (run_dir / "report.md").write_text(card["metrics_markdown"], encoding="utf-8")
-        plot_training(run_dir / "metrics.jsonl", report if config.eval.enabled else None, run_dir / "loss.png")
+            scores = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
+            report.update(scores)
+            card["metrics_markdown"] = write_report(run_dir / "report", report, run_dir / "metrics.jsonl")
         log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
         prompts = [prompt_ids(tokenizer, e) for e in dataset.eval if e.kind != "text"][:3]
         report["export"] = export(model, tokenizer, run_dir, config, stop, card, prompts)
@@ -140,6 +139,49 @@ def failure_recorded(status_file: Path, write: bool):
         if write:
             write_json(status_file, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
+
+
+def sources_of(dataset: Dataset) -> dict[int, str]:
+    """id(example) -> the name of its source file, for per-source scores."""
+    return {id(e): s.path.name for s in dataset.sources for e in s.examples}
+
+
+def eval_run(target: Path, config_overrides: list[str]) -> Path:
+    """`sft eval`: score a finished run (base vs tuned) on its held-out data again, into RUN/report/.
+
+    `target` is a run folder, or a config file whose newest complete run is scored. `config_overrides` apply to
+    the run's config (e.g. eval.max_samples=50, eval.do_sample=true).
+    """
+    from sft.config import apply_overrides, read_yaml, validate_config
+    from sft.generate import load_for_inference
+
+    run_dir = target if target.is_dir() else latest_run(target)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise SftError(f"{run_dir}: expected a run folder written by `sft train` (config.yaml and adapter/)")
+    raw = apply_overrides(read_yaml(run_dir / "config.yaml"), config_overrides)
+    config = validate_config(raw, source=str(run_dir / "config.yaml"))
+    dataset = load_dataset(config.data)
+    model, tokenizer, stop = load_for_inference(run_dir / "adapter")
+    eval_tokens, _ = tokenize_cached(
+        dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long, config.data.cache_dir
+    )
+    log(f"evaluating {run_dir}: base (adapter off) and tuned on {len(dataset.eval)} held-out rows")
+    report = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
+    print(write_report(run_dir / "report", report, run_dir / "metrics.jsonl"))
+    log(f"report: {run_dir / 'report'}")
+    return run_dir
+
+
+def latest_run(config_path: Path) -> Path:
+    from sft.config import load_config
+
+    config = load_config(config_path)
+    root = Path(config.output.runs_dir)
+    runs = [p for p in root.glob(f"{config.output.name}*") if (p / "adapter" / "adapter_config.json").is_file()]
+    runs = [p for p in runs if p.name == config.output.name or p.name[len(config.output.name) :].lstrip("-").isdigit()]
+    if not runs:
+        raise SftError(f"{config_path}: no finished run of it under {root}/ (expected {root}/{config.output.name})")
+    return max(runs, key=lambda p: (p / "adapter").stat().st_mtime)
 
 
 def _describe(summary: dict) -> str:
