@@ -234,3 +234,16 @@ def test_merged_model_is_sharded_and_the_cards_loading_snippet_runs(trained, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"torch.Size([1, 3, {len(trained.tokenizer)}])" in done.stdout
     assert "## Export checks" in card and "adapter_reload_max_abs_diff: 0.0" in card
+
+
+def test_benchmarks_are_skipped_with_a_message_when_the_harness_cannot_run(trained):
+    from sft.config import EvalConfig
+    from sft.evaluate import run_benchmarks
+
+    assert run_benchmarks(trained.model, trained.tokenizer, EvalConfig()) == {}
+    result = run_benchmarks(trained.model, trained.tokenizer, EvalConfig(benchmarks=["hellaswag"], benchmark_limit=2))
+    assert (
+        set(result) == {"benchmarks_skipped"}
+        and "hellaswag" in result["benchmarks_skipped"]
+        or ("not installed" in result["benchmarks_skipped"])
+    )

@@ -216,6 +216,12 @@ class EvalConfig(_Section):
     max_samples: int | None = Field(200, gt=0, description="Held-out prompts to generate for; None: all")
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(128, gt=0)
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks (e.g. [hellaswag, arc_easy]) run on the tuned model; needs the "
+        "`bench` extra and access to the tasks' data, and is skipped with a message otherwise",
+    )
+    benchmark_limit: int | None = Field(200, gt=0, description="Examples per benchmark task; None: all")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding (then temperature, top_p, seed)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -280,3 +280,28 @@ def plot_training(metrics_path: Path, report: dict | None, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def run_benchmarks(model, tokenizer, config: EvalConfig) -> dict:
+    """Standard benchmarks through lm-evaluation-harness, when it is installed and its data can be reached.
+
+    Returns {"benchmarks": {task: metrics}} or {"benchmarks_skipped": why}: a missing extra or an offline machine
+    is a message, not a failed run.
+    """
+    if not config.benchmarks:
+        return {}
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {"benchmarks_skipped": "lm-evaluation-harness is not installed: pip install 'sft[bench]'"}
+    try:
+        results = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size),
+            tasks=config.benchmarks,
+            limit=config.benchmark_limit,
+        )
+    except Exception as err:  # the harness raises many types when a task's data cannot be fetched
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return {"benchmarks_skipped": f"{config.benchmarks} could not run (offline, or unknown task?): {first}"}
+    return {"benchmarks": results.get("results", {})}

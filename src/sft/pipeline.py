@@ -16,7 +16,7 @@ from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
 from sft.errors import SftError
-from sft.evaluate import evaluate, write_report
+from sft.evaluate import evaluate, run_benchmarks, write_report
 from sft.export import export
 from sft.model import (
     apply_lora,
@@ -108,7 +108,7 @@ def train_run(config: RunConfig) -> Path:
         if config.eval.enabled:
             log("evaluating the base model (adapter off) and the tuned model on held-out data")
             scores = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
-            report.update(scores)
+            report.update(scores, **_benchmarks(model, tokenizer, config))
             card["metrics_markdown"] = write_report(run_dir / "report", report, run_dir / "metrics.jsonl")
         log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
         prompts = [prompt_ids(tokenizer, e) for e in dataset.eval if e.kind != "text"][:3]
@@ -141,6 +141,13 @@ def failure_recorded(status_file: Path, write: bool):
         raise
 
 
+def _benchmarks(model, tokenizer, config: RunConfig) -> dict:
+    result = run_benchmarks(model, tokenizer, config.eval)
+    if "benchmarks_skipped" in result:
+        log(f"benchmarks skipped: {result['benchmarks_skipped']}")
+    return result
+
+
 def sources_of(dataset: Dataset) -> dict[int, str]:
     """id(example) -> the name of its source file, for per-source scores."""
     return {id(e): s.path.name for s in dataset.sources for e in s.examples}
@@ -167,6 +174,7 @@ def eval_run(target: Path, config_overrides: list[str]) -> Path:
     )
     log(f"evaluating {run_dir}: base (adapter off) and tuned on {len(dataset.eval)} held-out rows")
     report = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
+    report.update(_benchmarks(model, tokenizer, config))
     print(write_report(run_dir / "report", report, run_dir / "metrics.jsonl"))
     log(f"report: {run_dir / 'report'}")
     return run_dir
