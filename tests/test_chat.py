@@ -24,8 +24,6 @@ from sft.data import load_dataset
 from sft.export import export
 from sft.model import apply_lora, ensure_tiny_model, load_model, load_tokenizer
 from sft.pipeline import corpus
-from sft.tokenize import tokenize_examples
-from sft.train import build_sft_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST, SECOND = "reverse: loud wants also wants", "reverse: warm hill happy warm"
@@ -34,7 +32,9 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny adapter export (a few training steps), loaded once more as `sft chat` loads it."""
+    """A tiny adapter export, loaded as `sft chat` loads it. Untrained: a few training steps teach the tiny model to
+    answer nothing (it learns the end-of-turn token first), and empty answers would make the checks vacuous; the
+    random model's answers are long and may hold newlines, so answers are compared with whitespace normalised."""
     tmp = tmp_path_factory.mktemp("chat")
     config = validate_config(
         {
@@ -48,7 +48,6 @@ def run(tmp_path_factory):
                 "max_length": 64,
             },
             "adapter": {"r": 8, "alpha": 16},
-            "train": {"max_steps": 5, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "save_strategy": "no"},
             "export": {"merged": False},
             "output": {"runs_dir": str(tmp / "runs"), "name": "t"},
         }
@@ -56,12 +55,10 @@ def run(tmp_path_factory):
     dataset = load_dataset(config.data)
     ensure_tiny_model(config.model, corpus(dataset))
     tokenizer = load_tokenizer(config.model)
-    rows = tokenize_examples(dataset.train[:80], tokenizer, config.data.max_length)
     model = apply_lora(load_model(config.model), config.adapter)
-    train(model, tokenizer, rows.rows, [], build_sft_config(config.train, tmp / "ckpt", 64), tmp / "metrics.jsonl")
     run_dir = tmp / "run"
     run_dir.mkdir()
-    export(model, tokenizer, run_dir, config, rows.end_tokens, card={})
+    export(model, tokenizer, run_dir, config, {tokenizer.convert_tokens_to_ids("<|im_end|>")}, card={})
     model, tokenizer, stop = gen.load_for_inference(run_dir)
 
     def reply(*turns: str) -> str:
@@ -72,7 +69,13 @@ def run(tmp_path_factory):
             messages.append({"role": "assistant", "content": gen.answer(model, tokenizer, stop, messages, MAX_NEW)})
         return messages[-1]["content"]
 
+    assert all(reply(*turns).strip() for turns in ((FIRST,), (SECOND,), (FIRST, SECOND))), "empty answers"
+    assert reply(SECOND) != reply(FIRST, SECOND), "the history must change the answer, or keeping it is not tested"
     return SimpleNamespace(dir=run_dir, tmp=tmp, model=model, tokenizer=tokenizer, stop=stop, reply=reply)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 def chat_command(run_dir: Path) -> list[str]:
@@ -100,15 +103,18 @@ class Tmux:
     def screen(self, name: str) -> list[str]:
         return [line.rstrip() for line in self("capture-pane", "-p", "-t", name).splitlines()]
 
-    def wait_for(self, name: str, lines: list[str], timeout: float = 60) -> list[str]:
-        """Poll the pane until `lines` appear on it consecutively (after the banner)."""
+    def wait_for(self, name: str, *parts: str, timeout: float = 60) -> list[str]:
+        """Poll the pane until `parts` appear on it one after the other (whitespace normalised)."""
+        expected = flat(" ".join(parts))
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen(name)
-            if any(screen[i : i + len(lines)] == lines for i in range(len(screen))):
+            if expected in flat(" ".join(screen)):
                 return screen
             if time.monotonic() > deadline:
-                raise AssertionError(f"waited {timeout:.0f}s for {lines!r}; the terminal shows:\n" + "\n".join(screen))
+                raise AssertionError(
+                    f"waited {timeout:.0f}s for {expected!r}; the terminal shows:\n" + "\n".join(screen)
+                )
             time.sleep(0.2)
 
     def kill(self) -> None:
@@ -133,25 +139,24 @@ def shell_line(run_dir: Path) -> str:
 
 def test_chat_in_a_real_terminal_streams_answers_and_keeps_the_conversation(run, tmux):
     first, second = run.reply(FIRST), run.reply(FIRST, SECOND)
-    assert first.strip() and second.strip(), "the tiny export answers nothing: the checks below would be vacuous"
     tmux.start("chat", shell_line(run.dir))
-    screen = tmux.wait_for("chat", ["you>"])
+    screen = tmux.wait_for("chat", "you>")
     banner = "".join(screen[: screen.index("you>")])  # may wrap
     assert str(run.dir) in banner and "/reset" in banner and "/exit" in banner and "Ctrl-D" in banner, screen
     tmux("send-keys", "-t", "chat", FIRST, "Enter")
-    tmux.wait_for("chat", [f"you> {FIRST}", first.strip(), "you>"])
+    tmux.wait_for("chat", f"you> {FIRST}", first, "you>")
     tmux("send-keys", "-t", "chat", SECOND, "Enter")  # answered with the first turn in its context
-    tmux.wait_for("chat", [f"you> {FIRST}", first.strip(), f"you> {SECOND}", second.strip(), "you>"])
+    tmux.wait_for("chat", f"you> {FIRST}", first, f"you> {SECOND}", second, "you>")
     tmux("send-keys", "-t", "chat", "/exit", "Enter")
-    tmux.wait_for("chat", ["you> /exit", "CHAT-EXIT=0"])
+    tmux.wait_for("chat", "you> /exit", "CHAT-EXIT=0")
 
 
 def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(run, tmux):
     for name, key in (("eof", "C-d"), ("interrupt", "C-c")):
         tmux.start(name, shell_line(run.dir))
-        tmux.wait_for(name, ["you>"])
+        tmux.wait_for(name, "you>")
         tmux("send-keys", "-t", name, key)
-        screen = tmux.wait_for(name, ["you>", "CHAT-EXIT=0"])
+        screen = tmux.wait_for(name, "you> CHAT-EXIT=0")
         assert not any("Traceback" in line or "interrupted" in line for line in screen), screen
 
 
@@ -166,11 +171,11 @@ def test_piped_chat_prints_only_the_answers_and_reset_forgets(run):
 
     kept = chat(f"{FIRST}\n\n{SECOND}\n")
     assert kept.returncode == 0, kept.stderr
-    assert kept.stdout == f"{run.reply(FIRST)}\n{run.reply(FIRST, SECOND)}\n"  # no prompts; the empty line skipped
+    assert flat(kept.stdout) == flat(f"{run.reply(FIRST)} {run.reply(FIRST, SECOND)}")  # no prompts, no echo
 
     reset = chat(f"{FIRST}\n/reset\n{SECOND}\n")
     assert reset.returncode == 0, reset.stderr
-    assert reset.stdout == f"{run.reply(FIRST)}\n{run.reply(SECOND)}\n"  # the second answered as a new conversation
+    assert flat(reset.stdout) == flat(f"{run.reply(FIRST)} {run.reply(SECOND)}")  # the second as a new conversation
     assert "conversation cleared" in reset.stderr
     assert "Traceback" not in reset.stderr
 
@@ -253,4 +258,5 @@ def test_streamed_answer_is_printed_as_generated_and_returned(run, capsys):
     messages = [user(FIRST)]
     reply = gen._stream(run.model, run.tokenizer, run.stop, gen._prompt_ids(run.tokenizer, messages), MAX_NEW)
     assert reply == run.reply(FIRST)
-    assert capsys.readouterr().out == reply + "\n"
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n") and flat(printed) == flat(reply)

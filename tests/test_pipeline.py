@@ -247,3 +247,19 @@ def test_benchmarks_are_skipped_with_a_message_when_the_harness_cannot_run(train
         and "hellaswag" in result["benchmarks_skipped"]
         or ("not installed" in result["benchmarks_skipped"])
     )
+
+
+def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path):
+    from sft.export import atomic_dir
+
+    final = tmp_path / "report"
+    with atomic_dir(final) as tmp:
+        (tmp / "report.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "report.json").write_text("half")
+        raise RuntimeError("disk full")
+    assert (final / "report.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left behind
+    with atomic_dir(final) as tmp:
+        (tmp / "report.json").write_text("new")
+    assert (final / "report.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report"]

@@ -93,6 +93,7 @@ def generate(
         min_length=0,
         eos_token_id=sorted(stop),
         pad_token_id=pad,
+        use_cache=True,
         **({"do_sample": True, "top_k": 0, **sampling} if sampling else {}),
     )
     outputs: list[str] = []
@@ -101,7 +102,7 @@ def generate(
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy, use_cache=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return outputs
 
