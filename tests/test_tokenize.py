@@ -493,7 +493,7 @@ def test_check_vocab_qwen_tokenizer_fits_its_model(qwen_ro):
 
 
 def test_check_vocab_fewer_rows_is_an_error(qwen_ro):
-    with pytest.raises(SftError, match="the tokenizer has 151665 tokens but the model has 151664 embedding rows"):
+    with pytest.raises(SftError, match="ids run to 151664 but the model has 151664 embedding rows"):
         check_vocab(qwen_ro, Qwen2Config(vocab_size=151664))
 
 
@@ -502,7 +502,7 @@ def test_check_vocab_added_tokens_past_the_rows(qwen):
     qwen.add_tokens([f"<new_{i}>" for i in range(151936 - 151665)])
     check_vocab(qwen, config)  # 151936 tokens, 151936 rows
     qwen.add_tokens(["<one_too_many>"])
-    with pytest.raises(SftError, match="151937 tokens but the model has 151936 embedding rows"):
+    with pytest.raises(SftError, match="ids run to 151936 but the model has 151936 embedding rows"):
         check_vocab(qwen, config)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **_source_kwargs(config))
     except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
+        if list(Path(config.name_or_path).glob("*.model")) and importlib.util.find_spec("sentencepiece") is None:
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: its tokenizer is a SentencePiece .model file, which "
+                "needs the sentencepiece and protobuf packages: pip install sentencepiece protobuf"
+            ) from None
         raise _load_error(config, "tokenizer", err) from None
     if config.chat_template in NAMED_TEMPLATES:
         template, tokens = NAMED_TEMPLATES[config.chat_template]
@@ -116,19 +122,28 @@ def embedding_rows(model_config) -> int | None:
     return rows
 
 
+def rows_needed(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Embedding rows the tokenizer's ids need: its largest id + 1, which is more than len(tokenizer) for a
+    vocabulary with holes (a trimmed Phi-4 vocabulary has 63,668 tokens with ids up to 100,351)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+def ids_past(tokenizer: PreTrainedTokenizerBase, rows: int) -> dict[str, int]:
+    return {token: i for token, i in tokenizer.get_vocab().items() if i >= rows}
+
+
 def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config) -> None:
     """Every id the tokenizer can produce must have an embedding row (rows may be more: Qwen2.5 pads to 151936).
 
     Past the last row only a named template's special tokens are allowed: the embeddings grow to fit them.
     """
     rows = embedding_rows(model_config)
-    grown = (
-        rows is not None and set(tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer))))) <= TEMPLATE_TOKENS
-    )
-    if rows is not None and len(tokenizer) > rows and not grown:
+    if rows is None or rows_needed(tokenizer) <= rows:
+        return
+    if not set(ids_past(tokenizer, rows)) <= TEMPLATE_TOKENS:
         raise SftError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model has {rows} embedding rows: ids past "
-            f"{rows - 1} would index nothing. The tokenizer does not belong to this model (or tokens were added "
+            f"the tokenizer's ids run to {rows_needed(tokenizer) - 1} but the model has {rows} embedding rows: ids "
+            f"past {rows - 1} would index nothing. The tokenizer does not belong to this model (or tokens were added "
             "without resizing the embeddings)"
         )
 
@@ -169,9 +184,9 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
     except (OSError, ValueError, ImportError) as err:
         raise _load_error(config, "model weights (safetensors)", err) from None
     model.config.use_cache = False  # training; generation turns it back on
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    if tokenizer is not None and rows_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Only upward, only when tokens were added; new rows start at the mean of the old ones.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(rows_needed(tokenizer), mean_resizing=True)
     return model
 
 

@@ -24,6 +24,7 @@ from sft.model import (
     check_vocab,
     embedding_rows,
     ensure_tiny_model,
+    ids_past,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -71,7 +72,7 @@ def train_run(config: RunConfig) -> Path:
 
     rows = embedding_rows(model_config)
     model = load_model(config.model, tokenizer)
-    added = list(range(rows, len(tokenizer))) if rows is not None else []
+    added = sorted(ids_past(tokenizer, rows).values()) if rows is not None else []
     if added:
         log(f"added {len(added)} token(s) for the chat template; their embedding rows are trained with the adapter")
     model = apply_lora(model, config.adapter, added)

@@ -75,7 +75,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int
         text = render(tokenizer, example.messages[:-1], example.tools, generation_prompt=True)
         return _ids(tokenizer, text, special=False)
     if example.kind == "completion":
-        return _ids(tokenizer, example.prompt, special=True)
+        return _bos(tokenizer) + _ids(tokenizer, example.prompt, special=False)
     raise ValueError("raw text examples have no prompt")
 
 
@@ -166,11 +166,18 @@ def _plain(example: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[list[i
         raise SftError("the tokenizer has no EOS token; the model could never learn to stop")
     eos = [tokenizer.eos_token_id]
     if example.kind == "completion":
-        prompt = _ids(tokenizer, example.prompt, special=True)
+        prompt = _bos(tokenizer) + _ids(tokenizer, example.prompt, special=False)
         answer = _ids(tokenizer, example.completion, special=False) + eos
         return prompt + answer, [IGNORE] * len(prompt) + answer
-    ids = _ids(tokenizer, example.text, special=True) + eos
+    ids = _bos(tokenizer) + _ids(tokenizer, example.text, special=False) + eos
     return ids, list(ids)
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """BOS if this tokenizer starts sequences with it - but not the EOS some post-processors append (T5): that one
+    is placed by us, once, after the answer."""
+    first = _ids(tokenizer, "", special=True)[:1]
+    return first if tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id] else []
 
 
 def _chat(example: Example, tokenizer: PreTrainedTokenizerBase, special_ids: set[int]) -> tuple[list, list]:
