@@ -69,6 +69,24 @@ def heldout_loss(model, rows: list[dict[str, list[int]]]) -> tuple[float, float]
 
 
 @torch.no_grad()
+def decoding_config(tokenizer, stop: set[int], max_new_tokens: int, sampling: dict | None = None) -> GenerationConfig:
+    """Plain greedy decoding (or plain sampling) whatever the model's generation_config says (Qwen2.5 ships
+    repetition_penalty=1.05), so scores measure the model. Every value is explicit: generate() fills unset ones from
+    the model's own config. Stops at the end-of-turn token(s)."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        eos_token_id=sorted(stop),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **({"do_sample": True, "top_k": 0, **sampling} if sampling else {}),
+    )
+
+
 def generate(
     model,
     tokenizer,
@@ -82,20 +100,7 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    # Plain greedy decoding whatever the model's generation_config says (Qwen2.5 ships repetition_penalty=1.05), so
-    # the scores measure the model. Every value is explicit: generate() fills unset ones from the model's config.
-    greedy = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_length=0,
-        eos_token_id=sorted(stop),
-        pad_token_id=pad,
-        use_cache=True,
-        **({"do_sample": True, "top_k": 0, **sampling} if sampling else {}),
-    )
+    greedy = decoding_config(tokenizer, stop, max_new_tokens, sampling)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]

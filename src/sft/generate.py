@@ -11,7 +11,7 @@ import torch
 
 from sft.config import ModelConfig
 from sft.errors import SftError
-from sft.evaluate import generate
+from sft.evaluate import decoding_config, generate
 from sft.model import load_model, load_tokenizer, read_adapter_base
 from sft.tokenize import render
 
@@ -122,21 +122,11 @@ def _fit(tokenizer, messages: list[dict], system: str | None, limit: int | None,
 @torch.no_grad()
 def _stream(model, tokenizer, stop: set[int], ids: list[int], max_new_tokens: int) -> str:
     """Greedy answer to the prompt ids, printed to stdout token by token; returns the decoded answer."""
-    from transformers import GenerationConfig, TextStreamer
+    from transformers import TextStreamer
 
     model.eval()
     device = next(model.parameters()).device
-    greedy = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_length=0,
-        eos_token_id=sorted(stop),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    greedy = decoding_config(tokenizer, stop, max_new_tokens)
     inputs = torch.tensor([ids], device=device)
     out = model.generate(
         input_ids=inputs,
