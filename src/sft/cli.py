@@ -68,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run", help="a run folder written by `sft train`")
     export.add_argument("--merged", action="store_true", help="also write the merged model")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a config sweep: one run folder per trial, a results table, plots and the best config",
+        description="Run the trials of a sweep file (a base config plus a search space over any nested key), one "
+        "after another; rerunning the same sweep skips finished trials.",
+    )
+    sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny_lr.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. trials=8")
+
     args = parser.parse_args(argv)
     if not args.debug:
         _quiet_libraries()
@@ -124,6 +133,11 @@ def _run(args: argparse.Namespace) -> int:
         from sft.pipeline import eval_run
 
         eval_run(Path(args.target), args.overrides)
+        return 0
+    if args.command == "sweep":
+        from sft.sweep import run_sweep
+
+        run_sweep(Path(args.sweep), args.overrides)
         return 0
     if args.command == "chat":
         from sft.generate import chat_loop
