@@ -11,7 +11,7 @@ from sft.errors import SftError
 from sft.train import build_sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"accelerate", "sweeps"} & set(p.parts))
 
 
 def minimal(**sections) -> dict:

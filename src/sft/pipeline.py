@@ -56,16 +56,26 @@ def train_run(config: RunConfig) -> Path:
     dataset = load_dataset(config.data)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
-    if ensure_tiny_model(config.model, corpus(dataset)):
-        log(f"built the stand-in model at {config.model.name_or_path} (tiny random Llama, not a pretrained model)")
-    tokenizer = load_tokenizer(config.model)
-    model_config = load_model_config(config.model)  # config.json alone: checks before any weight is loaded
-    check_vocab(tokenizer, model_config)
-    clock, cache = time.time(), config.data.cache_dir
-    train_tokens, hit = tokenize_cached(
-        dataset.train, tokenizer, config.data.max_length, config.data.on_too_long, cache
-    )
-    eval_tokens, _ = tokenize_cached(dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long, cache)
+    # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
+    # It writes nothing; it comes this early so that the ranks can take turns below.
+    sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
+    main = sft_config.process_index == 0
+    # Data preparation once per machine, not once per rank: the local main process builds the stand-in model and
+    # tokenizes into the cache (atomic writes) while the other ranks wait; they then read both from disk.
+    # Without a cache (data.cache_dir: null) every rank tokenizes for itself.
+    with sft_config.main_process_first(local=True, desc="data preparation"):
+        if ensure_tiny_model(config.model, corpus(dataset)):
+            log(f"built the stand-in model at {config.model.name_or_path} (tiny random Llama, not a pretrained model)")
+        tokenizer = load_tokenizer(config.model)
+        model_config = load_model_config(config.model)  # config.json alone: checks before any weight is loaded
+        check_vocab(tokenizer, model_config)
+        clock, cache = time.time(), config.data.cache_dir
+        train_tokens, hit = tokenize_cached(
+            dataset.train, tokenizer, config.data.max_length, config.data.on_too_long, cache
+        )
+        eval_tokens, _ = tokenize_cached(
+            dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long, cache
+        )
     log(f"tokens {'loaded from the cache' if hit else 'computed'} in {time.time() - clock:.2f} s")
     stats = {"train": train_tokens.stats.summary(), "eval": eval_tokens.stats.summary()}
     log(f"data: {_describe(stats['train'])} to train, {_describe(stats['eval'])} held out")
@@ -76,9 +86,6 @@ def train_run(config: RunConfig) -> Path:
     if added:
         log(f"added {len(added)} token(s) for the chat template; their embedding rows are trained with the adapter")
     model = apply_lora(model, config.adapter, added)
-    # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
-    sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
-    main = sft_config.process_index == 0
 
     # Everything is validated and loaded: from here on the run folder exists.
     run_dir = create_run_dir(config.output.runs_dir, config.output.name) if main else None

@@ -38,6 +38,11 @@ RESERVED = {
 def defaults() -> dict[str, Any]:
     """This pipeline's defaults, applied under whatever the config's `train` section sets."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # Several CPU processes (torchrun / `accelerate launch --multi_gpu` on a CPU-only machine): accelerate makes them
+    # one gloo group (DistributedType.MULTI_CPU) only when told to use the CPU. Without `use_cpu` it reports
+    # DistributedType.NO with num_processes=2: no DDP wrapper and no gradient all-reduce, so each rank trains alone on
+    # its half of the data while TRL still multiplies its loss by the number of processes (a 2x loss and gradient).
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return {
         "learning_rate": 2e-4,  # LoRA wants ~10x the full fine-tuning rate (TRL's default is 2e-5)
         "packing": True,  # best-fit packing, padding-free: no compute spent on pad tokens
@@ -53,9 +58,8 @@ def defaults() -> dict[str, Any]:
         "include_num_input_tokens_seen": "non_padding",
         "seed": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
-        # Several CPU processes (torchrun / accelerate launch --multi_gpu on a CPU machine) talk through gloo;
-        # left unset, each process would train alone.
-        "ddp_backend": None if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
+        "use_cpu": cpu_ranks,
+        "ddp_backend": "gloo" if cpu_ranks else None,
     }
 
 
