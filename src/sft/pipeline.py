@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import set_seed
+
 from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
 from sft.data import Dataset, load_dataset
@@ -82,6 +84,7 @@ def train_run(config: RunConfig) -> Path:
 
     rows = embedding_rows(model_config)
     model = load_model(config.model, tokenizer)
+    set_seed(sft_config.seed)  # the LoRA init below is random and comes before the Trainer seeds anything
     added = sorted(ids_past(tokenizer, rows).values()) if rows is not None else []
     if added:
         log(f"added {len(added)} token(s) for the chat template; their embedding rows are trained with the adapter")
