@@ -263,3 +263,21 @@ def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path):
     with atomic_dir(final) as tmp:
         (tmp / "report.json").write_text("new")
     assert (final / "report.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_same_seed_same_adapter_bytes_and_losses_other_seed_differs(trained, tmp_path):
+    """CPU fp32: a run is a function of its config and data (the LoRA initialisation is seeded too)."""
+    from sft.pipeline import train_run
+
+    def run(seed: int, name: str) -> tuple[bytes, list[float]]:
+        raw = tiny_config(trained.tmp, max_steps=6, seed=seed, eval_strategy="no")
+        raw.update(eval={"enabled": False}, export={"merged": False, "verify": False})
+        raw["output"] = {"runs_dir": str(tmp_path), "name": name}
+        raw["data"]["cache_dir"] = str(tmp_path / "cache")
+        folder = train_run(validate_config(raw))
+        logs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return (folder / "adapter" / "adapter_model.safetensors").read_bytes(), [e["loss"] for e in logs if "loss" in e]
+
+    first, second, other = run(0, "a"), run(0, "b"), run(1, "c")
+    assert first == second
+    assert other[0] != first[0] and other[1] != first[1]
