@@ -182,6 +182,14 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
     try:
         model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
+        folder = Path(config.name_or_path)
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickled and not list(folder.glob("*.safetensors")):
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: holds only pickle weights ({', '.join(pickled)}), which "
+                "are never loaded because unpickling can run arbitrary code; expected *.safetensors - convert them "
+                "where you trust the file"
+            ) from None
         raise _load_error(config, "model weights (safetensors)", err) from None
     model.config.use_cache = False  # training; generation turns it back on
     if tokenizer is not None and rows_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
