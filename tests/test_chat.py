@@ -24,6 +24,7 @@ from sft.data import load_dataset
 from sft.export import export
 from sft.model import apply_lora, ensure_tiny_model, load_model, load_tokenizer
 from sft.pipeline import corpus
+from tests.test_pipeline import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST, SECOND = "reverse: loud wants also wants", "reverse: warm hill happy warm"
@@ -36,22 +37,9 @@ def run(tmp_path_factory):
     answer nothing (it learns the end-of-turn token first), and empty answers would make the checks vacuous; the
     random model's answers are long and may hold newlines, so answers are compared with whitespace normalised."""
     tmp = tmp_path_factory.mktemp("chat")
-    config = validate_config(
-        {
-            "model": {
-                "name_or_path": str(tmp / "base"),
-                "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
-            },
-            "data": {
-                "train": str(ROOT / "data/reverse/train.jsonl"),
-                "eval": str(ROOT / "data/reverse/eval.jsonl"),
-                "max_length": 64,
-            },
-            "adapter": {"r": 8, "alpha": 16},
-            "export": {"merged": False},
-            "output": {"runs_dir": str(tmp / "runs"), "name": "t"},
-        }
-    )
+    raw = tiny_config(tmp)  # the same tiny model and data as tests/test_pipeline.py
+    raw.update(export={"merged": False}, output={"runs_dir": str(tmp / "runs"), "name": "t"})
+    config = validate_config(raw)
     dataset = load_dataset(config.data)
     ensure_tiny_model(config.model, corpus(dataset))
     tokenizer = load_tokenizer(config.model)
