@@ -22,6 +22,7 @@ from sft.config import DataConfig, SourceConfig
 from sft.data import load_dataset, read_source
 from sft.errors import SftError
 from tests.conftest import shared
+from tests.test_data import write_jsonl
 
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()
@@ -43,11 +44,6 @@ def fails(path: Path | str, *fragments: str, **options) -> str:
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def qa(i: int) -> dict:
