@@ -63,7 +63,7 @@ def trained(tmp_path_factory):
     model = apply_lora(load_model(config.model), config.adapter)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     sft_config = build_sft_config(config.train, tmp / "checkpoints", config.data.max_length)
-    train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, tmp / "metrics.jsonl")
+    train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, tmp)
     run_dir = tmp / "run"
     run_dir.mkdir()
     stop = train_tokens.end_tokens
@@ -200,7 +200,7 @@ def test_train_without_held_out_rows_and_a_stale_stand_in(trained, tmp_path):
     from another recipe is refused instead of silently reused."""
     model = apply_lora(load_model(trained.config.model), trained.config.adapter)
     args = build_sft_config({"max_steps": 2, "save_strategy": "no"}, tmp_path / "out", 64)
-    metrics = train(model, trained.tokenizer, trained.train_tokens.rows[:16], [], args, tmp_path / "m.jsonl")
+    metrics = train(model, trained.tokenizer, trained.train_tokens.rows[:16], [], args, tmp_path)
     assert metrics["epoch"] > 0
     other = trained.config.model.model_copy(update={"tiny": trained.config.model.tiny.model_copy(update={"seed": 1})})
     with pytest.raises(SftError, match="built from another"):
@@ -250,7 +250,7 @@ def test_benchmarks_are_skipped_with_a_message_when_the_harness_cannot_run(train
 
 
 def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path):
-    from sft.export import atomic_dir
+    from sft.runs import atomic_dir, is_complete
 
     final = tmp_path / "report"
     with atomic_dir(final) as tmp:
@@ -258,7 +258,7 @@ def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
         (tmp / "report.json").write_text("half")
         raise RuntimeError("disk full")
-    assert (final / "report.json").read_text() == "old"
+    assert (final / "report.json").read_text() == "old" and is_complete(final)
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left behind
     with atomic_dir(final) as tmp:
         (tmp / "report.json").write_text("new")

@@ -13,6 +13,7 @@ from sft.errors import SftError
 EXAMPLES = """examples:
   sft train configs/tiny.yaml                          # the offline demo
   sft train configs/tiny.yaml train.learning_rate=1e-3 # dotted overrides
+  sft train configs/tiny.yaml --resume                 # continue after a crash or preemption
   sft check configs/qwen2_5_0_5b/lora.yaml             # validate a config without loading anything
   sft data configs/tiny.yaml --examples 5              # token counts and the trained tokens, per source
   sft generate runs/tiny --prompt "reverse: the cat sat"
@@ -32,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="run every stage into runs/<name>/", description=_doc_train())
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest run of this config from its latest complete checkpoint (model, optimizer, "
+        "scheduler, RNG and data order); refuses if the config or the data changed",
+    )
+    train.add_argument("--run", type=Path, help="with --resume: the run folder to continue (default: the newest)")
+    train.add_argument("--force", action="store_true", help="with --resume: resume even if config or data changed")
 
     data = commands.add_parser(
         "data",
@@ -77,7 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny_lr.yaml")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. trials=8")
 
-    args = parser.parse_args(argv)
+    plan = commands.add_parser(
+        "plan",
+        help="predict peak memory, FLOPs and time per step from config.json alone; --measure checks it",
+        description="Predict a run's peak memory by component (weights, LoRA, optimizer, activations with and "
+        "without checkpointing, logits, evaluation, generation), its FLOPs and time per step on a device, and "
+        "whether it fits; no weights are loaded. --measure runs two real training steps here and compares.",
+    )
+    plan.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=2048")
+    plan.add_argument("--device", help="h100, h200, a100, a100-40gb, l4 or cpu (default: this machine)")
+    plan.add_argument("--measure", action="store_true", help="also run two training steps and compare")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # `sft train CONFIG --resume a.b=1`: overrides may follow the options too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug:
         _quiet_libraries()
     try:
@@ -85,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     except SftError as err:
         if args.debug:
             raise
-        print(f"sft: error: {err}", file=sys.stderr)
-        return 2
+        from sft.runs import redact_text
+
+        stopped = getattr(err, "exit_code", 2) > 128  # SIGTERM/SIGINT: a clean stop, not an error
+        print(f"sft: {'' if stopped else 'error: '}{redact_text(str(err))}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("sft: interrupted", file=sys.stderr)
         return 130
@@ -119,7 +148,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sft.pipeline import train_run
 
-        train_run(load_config(args.config, args.overrides))
+        if (args.run or args.force) and not args.resume:
+            raise SftError("--run and --force only apply with --resume")
+        train_run(load_config(args.config, args.overrides), resume=args.run or args.resume, force=args.force)
         return 0
     if args.command == "generate":
         from sft.generate import answer, load_for_inference
@@ -134,6 +165,10 @@ def _run(args: argparse.Namespace) -> int:
 
         eval_run(Path(args.target), args.overrides)
         return 0
+    if args.command == "plan":
+        from sft.plan import run_plan
+
+        return run_plan(args.config, args.overrides, args.device, args.measure, args.json)
     if args.command == "sweep":
         from sft.sweep import run_sweep
 

@@ -395,4 +395,7 @@ def _model_in(annotation: Any) -> Any:
 
 
 def to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as saved in a run folder: secrets (hub tokens, tracker keys) are redacted."""
+    from sft.runs import redact
+
+    return yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False)

@@ -232,7 +232,7 @@ def report_markdown(report: dict) -> str:
 
 def write_report(folder: Path, report: dict, metrics_path: Path) -> str:
     """report.json, report.md and report.png into `folder`, which appears complete or not at all."""
-    from sft.export import atomic_dir
+    from sft.runs import atomic_dir
 
     markdown = report_markdown(report)
     with atomic_dir(folder) as tmp:

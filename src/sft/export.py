@@ -7,11 +7,9 @@ A folder appears complete or not at all: it is written under a temporary name an
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,32 +19,12 @@ from sft.config import ModelConfig, RunConfig
 from sft.errors import SftError
 from sft.evaluate import generate
 from sft.model import load_model, resolve_dtype
+from sft.runs import atomic_dir, redact, redact_text, run_lock
 
 # fp32 tolerances: a reloaded adapter is the same arithmetic; a merge reorders it (W + BA vs Wx + BAx). In bf16,
 # fp16 or 4 bits the differences are recorded and warned about, not enforced: rounding makes them model-dependent.
 RELOAD_TOLERANCE = 1e-5
 MERGE_TOLERANCE = 1e-4
-
-
-@contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def probe_inputs(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -123,8 +101,8 @@ def export(
                     # a merge rounds differently (~1e-5): a near-tie may flip a token, so this one only warns
                     result["merged_generations_equal"] = _same_text(expected_text, texts, "merged model", False)
                 result["merged"] = str(run_dir / "merged")
-                (merged_dir / "README.md").write_text(model_card(config, base, result, card, merged=True))
-        (adapter / "README.md").write_text(model_card(config, base, result, card))
+                (merged_dir / "README.md").write_text(redact_text(model_card(config, base, result, card, merged=True)))
+        (adapter / "README.md").write_text(redact_text(model_card(config, base, result, card)))
     return result
 
 
@@ -272,7 +250,7 @@ def model_card(config: RunConfig, base: str, checks: dict, card: dict, merged: b
         + load
         + f"\nor `sft generate {folder} --prompt '...'` (`sft chat {folder}` for a conversation).\n\n"
         + "## Training config\n\n```yaml\n"
-        + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        + yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False)
         + "```\n"
     )
 
@@ -296,4 +274,5 @@ def export_run(run_dir: Path, merged: bool) -> dict:
     }
     if (run_dir / "report" / "report.md").is_file():
         card["metrics_markdown"] = (run_dir / "report" / "report.md").read_text()
-    return export(model, tokenizer, run_dir, config, stop, card)
+    with run_lock(run_dir):
+        return export(model, tokenizer, run_dir, config, stop, card)

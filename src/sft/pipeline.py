@@ -6,10 +6,12 @@ Under `accelerate launch` every rank trains; only the main process writes the ru
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from transformers import set_seed
@@ -31,15 +33,32 @@ from sft.model import (
     load_model_config,
     load_tokenizer,
 )
-from sft.runs import check_runs_dir, create_run_dir, environment, write_json
+from sft.runs import (
+    check_free_space,
+    check_runs_dir,
+    create_run_dir,
+    environment,
+    redact_text,
+    run_lock,
+    write_json,
+    write_text,
+)
 from sft.tokenize import prompt_ids
-from sft.train import build_sft_config, train
+from sft.train import (
+    Interrupted,
+    StopSignals,
+    build_sft_config,
+    checkpoints,
+    discard_incomplete,
+    train,
+    truncate_log,
+)
 
 
 def log(message: str) -> None:
     """Progress to stderr, prefixed with the rank under a multi-process launch (torchrun/accelerate set RANK)."""
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"[sft] {rank}{message}", file=sys.stderr, flush=True)
+    print(redact_text(f"[sft] {rank}{message}"), file=sys.stderr, flush=True)
 
 
 def corpus(dataset: Dataset) -> list[str]:
@@ -50,7 +69,14 @@ def corpus(dataset: Dataset) -> list[str]:
     return [t for t in texts if t]
 
 
-def train_run(config: RunConfig) -> Path:
+def train_run(config: RunConfig, resume: bool | Path = False, force: bool = False) -> Path:
+    """`sft train`: a new run folder, or (`resume`) the latest complete checkpoint of an earlier run of this config
+    (`resume` may name the run folder). Resuming refuses a changed config or data unless `force`."""
+    with StopSignals() as signals:
+        return _train_run(config, resume, force, signals)
+
+
+def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: StopSignals) -> Path:
     started = time.time()
 
     build_quantization_config(config.model)  # 4-bit without CUDA fails here, before anything is built or read
@@ -58,6 +84,7 @@ def train_run(config: RunConfig) -> Path:
     dataset = load_dataset(config.data)
     for warning in dataset.warnings:
         log(f"warning: {warning}")
+    resumed = resumable_run(config, resume, dataset.fingerprint(), force) if resume else None
     # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
     # It writes nothing; it comes this early so that the ranks can take turns below.
     sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
@@ -91,23 +118,48 @@ def train_run(config: RunConfig) -> Path:
     model = apply_lora(model, config.adapter, added)
 
     # Everything is validated and loaded: from here on the run folder exists.
-    run_dir = create_run_dir(config.output.runs_dir, config.output.name) if main else None
-    run_dir = Path(_from_main_process(str(run_dir), sft_config.world_size))
+    if main and resumed is None:  # before creating anything: a full disk is found now, not after hours of training
+        check_free_space(Path(config.output.runs_dir), _export_size(model, config), "the export")
+    if resumed is not None:
+        run_dir, checkpoint = resumed
+    else:
+        run_dir = create_run_dir(config.output.runs_dir, config.output.name) if main else None
+        run_dir, checkpoint = Path(_from_main_process(str(run_dir), sft_config.world_size)), None
     sft_config.output_dir = str(run_dir / "checkpoints")
-    if main:
-        log(f"run folder: {run_dir}")
-        (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
-        write_json(run_dir / "environment.json", environment())
-        write_json(
-            run_dir / "train_args.json", sft_config.to_dict()
-        )  # every SFTConfig value in force (tokens redacted)
-        sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
-        write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
-        write_json(run_dir / "run.json", {"status": "training"})
-    with failure_recorded(run_dir / "run.json", main):
-        metrics = train(model, tokenizer, train_tokens.rows, eval_tokens.rows, sft_config, run_dir / "metrics.jsonl")
+    with run_lock(run_dir) if main else nullcontext(), failure_recorded(run_dir / "run.json", main):
+        if main and checkpoint is None:
+            log(f"run folder: {run_dir}")
+            write_text(run_dir / "config.yaml", to_yaml(config))
+            write_json(run_dir / "environment.json", environment())
+            write_json(run_dir / "train_args.json", sft_config.to_dict())  # every SFTConfig value in force
+            sources = [{"path": str(s.path), "format": s.format, "sha256": s.sha256} for s in dataset.sources]
+            write_json(run_dir / "data.json", {"fingerprint": dataset.fingerprint(), "sources": sources, **stats})
+        elif main:
+            step = int(checkpoint.name.split("-")[1])
+            log(f"resuming {run_dir} from {checkpoint.name} (step {step})")
+            for stale in discard_incomplete(run_dir / "checkpoints"):
+                log(f"removed an incomplete checkpoint: {stale.name}")
+            for name in ("metrics.jsonl", "data_order.jsonl"):
+                truncate_log(run_dir / name, step)
+            if force:
+                write_text(run_dir / "config.yaml", to_yaml(config))
+        if main:
+            write_json(run_dir / "run.json", {"status": "training", "resumed_from": checkpoint and checkpoint.name})
+        from sft.distributed import whole_model
+
+        def rebuild():  # the same model, unsharded: under FSDP / ZeRO-3 it takes the adapter gathered from the ranks
+            return apply_lora(load_model(config.model, tokenizer), config.adapter, added)
+
+        trained = []  # the model to evaluate and export (the one trained, or its unsharded copy on the main process)
+
+        def finished(trainer) -> None:  # on every rank once training ends: every rank joins any gather
+            trained.append(whole_model(trainer, model, rebuild, log))
+
+        rows = (train_tokens.rows, eval_tokens.rows)
+        metrics = train(model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished)
         if not main:
             return run_dir
+        model = trained[0]
 
         stop = train_tokens.end_tokens | ({tokenizer.eos_token_id} - {None})
         report: dict = {"train": metrics}
@@ -122,6 +174,7 @@ def train_run(config: RunConfig) -> Path:
             report.update(scores, **_benchmarks(model, tokenizer, config))
             card["metrics_markdown"] = write_report(run_dir / "report", report, run_dir / "metrics.jsonl")
         log("exporting the adapter" + (" and the merged model" if config.export.merged else ""))
+        check_free_space(run_dir, _export_size(model, config), "the export")
         prompts = [prompt_ids(tokenizer, e) for e in dataset.eval if e.kind != "text"][:3]
         report["export"] = export(model, tokenizer, run_dir, config, stop, card, prompts)
         write_json(run_dir / "run.json", {"status": "complete", "seconds": round(time.time() - started, 1), **report})
@@ -129,6 +182,66 @@ def train_run(config: RunConfig) -> Path:
         print(card["metrics_markdown"])
     log(f"done in {time.time() - started:.0f} s: {run_dir}")
     return run_dir
+
+
+def _export_size(model, config: RunConfig) -> int:
+    """Bytes the export writes: the adapter, and the merged model (every parameter in its dtype) when asked."""
+    adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    merged = sum(p.numel() * p.element_size() for p in model.parameters()) if config.export.merged else 0
+    return adapter + merged
+
+
+def resumable_run(config: RunConfig, resume: bool | Path, fingerprint: str, force: bool) -> tuple[Path, Path]:
+    """The run folder to resume and its latest complete checkpoint; refuses a run whose config or data changed."""
+    run_dir = Path(resume) if isinstance(resume, Path) else _newest_run(config)
+    if not (run_dir / "config.yaml").is_file():
+        raise SftError(f"{run_dir}: not a run folder written by `sft train` (no config.yaml)")
+    status = _read_json(run_dir / "run.json").get("status")
+    if status == "complete":
+        raise SftError(f"{run_dir}: nothing to resume, this run is complete (start a new one without --resume)")
+    found = checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise SftError(
+            f"{run_dir}: no complete checkpoint to resume from (expected {run_dir}/checkpoints/checkpoint-N with "
+            "sft_complete.json; set train.save_steps so runs save checkpoints, e.g. train.save_steps=200)"
+        )
+    saved = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    diff = "".join(
+        difflib.unified_diff(
+            saved.splitlines(keepends=True), to_yaml(config).splitlines(keepends=True), "run's config", "this config"
+        )
+    )
+    old_fingerprint = _read_json(run_dir / "data.json").get("fingerprint")
+    changes = []
+    if diff:
+        changes.append(f"the config changed:\n{diff.rstrip()}")
+    if old_fingerprint != fingerprint:
+        changes.append(f"the data changed: fingerprint {old_fingerprint} -> {fingerprint}")
+    if changes and not force:
+        raise SftError(
+            f"{run_dir}: refusing to resume a different run; "
+            + "; ".join(changes)
+            + "\nRun without --resume to start a new run, or add --force to resume anyway"
+        )
+    for change in changes:
+        log(f"warning: resuming anyway (--force): {change}")
+    return run_dir, found[-1]
+
+
+def _newest_run(config: RunConfig) -> Path:
+    root, name = Path(config.output.runs_dir), config.output.name
+    runs = [p for p in root.glob(f"{name}*") if p.is_dir() and (p.name == name or p.name[len(name) :].startswith("-"))]
+    runs = [p for p in runs if p.name == name or p.name[len(name) + 1 :].isdigit()]
+    if not runs:
+        raise SftError(f"nothing to resume: no run of {name!r} under {root}/ (start one without --resume)")
+    return max(runs, key=lambda p: int(p.name[len(name) + 1 :] or 1) if p.name != name else 1)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _from_main_process(value: str, world_size: int) -> str:
@@ -148,7 +261,16 @@ def failure_recorded(status_file: Path, write: bool):
         yield
     except BaseException as err:
         if write:
-            write_json(status_file, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+            stopped = isinstance(err, (Interrupted, KeyboardInterrupt))
+            saved = checkpoints(status_file.parent / "checkpoints")
+            write_json(
+                status_file,
+                {
+                    "status": "interrupted" if stopped else "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "resume": f"sft train CONFIG --resume (from {saved[-1].name})" if saved else None,
+                },
+            )
         raise
 
 
@@ -184,9 +306,10 @@ def eval_run(target: Path, config_overrides: list[str]) -> Path:
         dataset.eval, tokenizer, config.data.max_length, config.data.on_too_long, config.data.cache_dir
     )
     log(f"evaluating {run_dir}: base (adapter off) and tuned on {len(dataset.eval)} held-out rows")
-    report = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
-    report.update(_benchmarks(model, tokenizer, config))
-    print(write_report(run_dir / "report", report, run_dir / "metrics.jsonl"))
+    with run_lock(run_dir):
+        report = evaluate(model, tokenizer, dataset.eval, eval_tokens.rows, config.eval, stop, sources_of(dataset))
+        report.update(_benchmarks(model, tokenizer, config))
+        print(write_report(run_dir / "report", report, run_dir / "metrics.jsonl"))
     log(f"report: {run_dir / 'report'}")
     return run_dir
 

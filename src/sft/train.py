@@ -7,17 +7,25 @@ TRL/Trainer option is reachable. Rows arrive already tokenized and labelled (see
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import sys
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sft.errors import SftError
+from sft.runs import check_free_space, is_complete, publish, write_text
 
 # Options this pipeline owns: setting them in `train` would fight the pipeline, so they point elsewhere.
 RESERVED = {
@@ -31,12 +39,15 @@ RESERVED = {
     "trust_remote_code": "set model.trust_remote_code",
     "pad_token": "the pad token is chosen by the model stage",
     "eos_token": "the end-of-turn token comes from the chat template",
-    "resume_from_checkpoint": "resuming is not supported yet: each `sft train` starts a new run folder",
+    "resume_from_checkpoint": "use `sft train CONFIG --resume`: it checks that the config and data are unchanged",
+    "logging_nan_inf_filter": "a non-finite loss always stops the run (the filter would hide it from the log)",
 }
 
 
 def defaults() -> dict[str, Any]:
     """This pipeline's defaults, applied under whatever the config's `train` section sets."""
+    import importlib.util
+
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # Several CPU processes (torchrun / `accelerate launch --multi_gpu` on a CPU-only machine): accelerate makes them
     # one gloo group (DistributedType.MULTI_CPU) only when told to use the CPU. Without `use_cpu` it reports
@@ -46,6 +57,13 @@ def defaults() -> dict[str, Any]:
     return {
         "learning_rate": 2e-4,  # LoRA wants ~10x the full fine-tuning rate (TRL's default is 2e-5)
         "packing": True,  # best-fit packing, padding-free: no compute spent on pad tokens
+        # Best-fit decreasing, with which TRL forces padding-free: a batch is one flattened row whose per-example
+        # position_ids keep attention inside each example (tests/test_packing.py). TRL's default, pinned: "wrapped"
+        # cuts examples across rows. No example is cut: data.max_length drops longer ones before packing.
+        "packing_strategy": "bfd",
+        # Liger's layer kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its own fused LM-head loss) on CUDA when installed;
+        # the hub `use_kernels` would download kernels at load time, which offline machines cannot.
+        "use_liger_kernel": torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None,
         "activation_checkpointing": False,  # TRL turns it on (about +1/3 compute); on only when memory needs it
         "bf16": bf16,  # TRL turns bf16 on everywhere, which is an error on a CPU-only machine
         "report_to": "none",
@@ -55,6 +73,7 @@ def defaults() -> dict[str, Any]:
         "save_strategy": "steps",
         "save_steps": 500,
         "save_total_limit": 2,
+        "logging_nan_inf_filter": False,  # the Trainer would drop NaN/inf losses from the log, hiding a diverged run
         "include_num_input_tokens_seen": "non_padding",
         "seed": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
@@ -149,7 +168,87 @@ def _rows_to_dataset(rows: list[dict[str, list[int]]]):
     return Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels")})
 
 
-def make_callbacks(metrics_path: Path):
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: complete or absent.
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest step first. A folder without a valid completion marker (a save
+    that was cut short, or one not written by sft) is never resumed from."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def discard_incomplete(folder: Path) -> list[Path]:
+    """Remove half-written checkpoints (staging leftovers of a killed save, folders without a marker)."""
+    removed = []
+    if folder.is_dir():
+        complete = set(checkpoints(folder))
+        for path in folder.iterdir():
+            if path.is_dir() and path not in complete and (CHECKPOINT.match(path.name) or path.name == STAGING):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+STAGING = ".staging"
+
+
+class Interrupted(SftError):
+    """SIGTERM or SIGINT: training saved a checkpoint at the end of the step and stopped; exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT) while training: finish the step, save a checkpoint, stop cleanly.
+
+    Outside the training loop the signal stops the process at once (the run folder records it). A second Ctrl-C
+    while the checkpoint is being written stops at once too. Every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.training = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None or not self.training:
+            self.requested = signum
+            raise Interrupted(f"stopped by {name}", signum)
+        self.requested = signum
+        print(f"[sft] {name}: finishing this step, saving a checkpoint, then stopping", file=sys.stderr, flush=True)
+
+    def stop_now(self, device) -> bool:
+        """Whether any rank was asked to stop (a tiny all-reduce under several processes, so all agree)."""
+        wanted = self.requested is not None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1 if wanted else 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
+
+
+def make_callbacks(metrics_path: Path, signals: StopSignals):
     from transformers import TrainerCallback
 
     class MetricsToJsonl(TrainerCallback):
@@ -162,31 +261,152 @@ def make_callbacks(metrics_path: Path):
                 if isinstance(value, float) and not math.isfinite(value):
                     raise SftError(
                         f"training stopped at step {state.global_step}: {key} is {value}. Likely causes: a learning "
-                        "rate too high, fp16 overflow (use bf16 or fp32), or rows with no trained tokens"
+                        "rate too high, fp16 overflow (use bf16 or fp32), or rows with no trained tokens. The last "
+                        "good checkpoint (if any) is kept; nothing was exported"
                     )
             if state.is_world_process_zero:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
-    return [MetricsToJsonl()]
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if signals.stop_now(args.device):
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [MetricsToJsonl(), StopOnSignal()]
 
 
-def train(model, tokenizer, train_rows, eval_rows, sft_config, metrics_path: Path) -> dict[str, Any]:
-    """Run SFTTrainer on tokenized rows; return the final training metrics."""
-    from transformers.trainer_utils import IntervalStrategy
+def _trainer_class():
     from trl import SFTTrainer
 
+    class Trainer(SFTTrainer):
+        """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, and which
+        records the order of the batches it trains on (data_order.jsonl: identical runs see identical batches)."""
+
+        order_log: Path | None = None
+
+        def _get_output_dir(self, trial) -> str:
+            root = super()._get_output_dir(trial)
+            return os.path.join(root, STAGING) if getattr(self, "_staging", False) else root
+
+        def _save_checkpoint(self, model, trial) -> None:
+            step = self.state.global_step
+            final_root = Path(super()._get_output_dir(trial))
+            staged = final_root / STAGING / f"checkpoint-{step}"
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if not all(torch.isfinite(p).all() for p in trainable):
+                raise SftError(
+                    f"training stopped at step {step}: the adapter weights are not finite (NaN or inf). Likely "
+                    "causes: a learning rate too high or fp16 overflow. The last good checkpoint is kept; "
+                    "nothing was saved or exported"
+                )
+            if self.is_world_process_zero():
+                size = sum(p.numel() * (p.element_size() + 8) for p in trainable)  # weights + AdamW's two moments
+                check_free_space(final_root, size + (1 << 20), f"the checkpoint at step {step}")
+                shutil.rmtree(staged, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            except OSError as err:  # disk full, quota, permissions: the previous checkpoint is untouched
+                shutil.rmtree(staged, ignore_errors=True)
+                kept = checkpoints(final_root)
+                raise SftError(
+                    f"saving the checkpoint at step {step} in {final_root} failed ({err}); "
+                    + (f"the previous one, {kept[-1].name}, is intact" if kept else "no earlier checkpoint exists")
+                ) from err
+            finally:
+                self._staging = False
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                publish(staged, final_root / f"checkpoint-{step}", step=step)
+                _rotate(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
+                shutil.rmtree(final_root / STAGING, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.last_saved_step = step
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.order_log is not None and self.is_world_process_zero():
+                ids = inputs["input_ids"]
+                digest = hashlib.sha1(ids.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+                line = {"step": self.state.global_step + 1, "shape": list(ids.shape), "sha1": digest}
+                with open(self.order_log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Trainer
+
+
+def _rotate(folder: Path, keep: int | None, best: str | None) -> None:
+    """Keep the newest `keep` complete checkpoints (and the best one); only complete ones count."""
+    if not keep:
+        return
+    complete = checkpoints(folder)
+    for path in complete[:-keep]:
+        if best is None or Path(best).name != path.name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after `step` (the checkpoint resumed from): they are trained again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(
+    model,
+    tokenizer,
+    train_rows,
+    eval_rows,
+    sft_config,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    signals: StopSignals | None = None,
+    on_trained: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Run SFTTrainer on tokenized rows (from a checkpoint when resuming); return the final training metrics.
+
+    Writes checkpoints under RUN/checkpoints/, one line per log to RUN/metrics.jsonl and one per batch to
+    RUN/data_order.jsonl. When the save strategy keeps checkpoints, the last step is saved too, so a run stopped
+    during evaluation or export resumes without training again.
+    """
+    from transformers.trainer_utils import IntervalStrategy
+
+    signals = signals or StopSignals()  # not entered: the caller's signal handlers stay as they are
+    run_dir = Path(run_dir)
     if not eval_rows:  # nothing held out: no evaluation during training (the Trainer would refuse to start)
         sft_config.eval_strategy = IntervalStrategy.NO
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=sft_config,
         train_dataset=_rows_to_dataset(train_rows),
         eval_dataset=_rows_to_dataset(eval_rows) if sft_config.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=make_callbacks(metrics_path),
+        callbacks=make_callbacks(run_dir / "metrics.jsonl", signals),
     )
-    result = trainer.train()
+    trainer.order_log = run_dir / "data_order.jsonl"
+    trainer.last_saved_step = None
+    signals.training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        step = trainer.state.global_step
+        if signals.requested is None and sft_config.save_strategy != "no" and trainer.last_saved_step != step:
+            if resume_from is None or step != int(CHECKPOINT.match(resume_from.name).group(1)):
+                trainer._save_checkpoint(trainer.model, None)  # the final state: evaluation/export can resume
+    finally:
+        signals.training = False
+    if signals.requested is not None:
+        name, step = signal.Signals(signals.requested).name, trainer.last_saved_step
+        saved = f"checkpoint saved: {Path(sft_config.output_dir) / f'checkpoint-{step}'}" if step else "nothing saved"
+        raise Interrupted(
+            f"stopped by {name} at step {trainer.state.global_step}; {saved}. Continue with: sft train CONFIG --resume",
+            signals.requested,
+        )
     if trainer.state.global_step == 0:
         raise SftError("training ran no optimizer step (check train.max_steps / num_train_epochs and the data size)")
+    if on_trained is not None:  # on every rank, while the trainer and its process group are live (sft.distributed)
+        on_trained(trainer)
     return dict(result.metrics)
