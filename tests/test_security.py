@@ -1,4 +1,5 @@
-"""Hostile weight files are refused without running them: weights load from safetensors only."""
+"""Hostile weight files are refused without running them (weights load from safetensors; pickle only on request and
+then with torch's weights_only unpickler); secrets never reach a file or a log; a full disk is found before a write."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from sft.errors import SftError
 from tests.conftest import shared
 
 LOAD = """
@@ -17,7 +20,7 @@ from sft.config import ModelConfig
 from sft.errors import SftError
 from sft.model import load_model
 try:
-    load_model(ModelConfig(name_or_path=sys.argv[1]))
+    load_model(ModelConfig(name_or_path=sys.argv[1], allow_pickle=sys.argv[2] == "opt-in"))
 except SftError as err:
     print("REFUSED:", err)
 else:
@@ -25,8 +28,10 @@ else:
 """
 
 
+@pytest.mark.parametrize("opt_in", ["default", "opt-in"])
 @pytest.mark.parametrize("exploit", ["malicious1_v4.pkl", "pytorch_magic_bypass.pt", "malicious1.zip"])
-def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, tmp_path):
+def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, opt_in, tmp_path):
+    """Refused by default; with model.allow_pickle the weights_only unpickler refuses them in turn."""
     source = shared(f"security/{exploit}")
     folder = tmp_path / "model"
     folder.mkdir()
@@ -42,8 +47,114 @@ def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, tmp_pa
     }
     (folder / "config.json").write_text(json.dumps(config))
     shutil.copy(source, folder / "pytorch_model.bin")  # where transformers would look for (pickled) weights
-    done = subprocess.run([sys.executable, "-c", LOAD, str(folder)], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(folder), opt_in], capture_output=True, text=True, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("REFUSED:") and str(folder) in done.stdout and "only pickle weights" in done.stdout
+    assert done.stdout.startswith("REFUSED:") and str(folder) in done.stdout
+    if opt_in == "default":
+        assert "only pickle weights" in done.stdout and "allow_pickle" in done.stdout
+    else:
+        assert "weights_only" in done.stdout or "did not load" in done.stdout
+        assert "weights_only` set to `False`" not in done.stdout  # never advise the unsafe load
     # the payloads print 456 (eval) or run `echo pwned`: neither may appear anywhere
     assert "456" not in done.stdout + done.stderr and "pwned" not in done.stdout + done.stderr
+
+
+def test_pickle_weights_load_on_request_when_they_are_only_tensors(tmp_path):
+    """The opt-in is useful, not just a different refusal: a plain state dict in pytorch_model.bin loads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft.config import ModelConfig
+    from sft.model import load_model
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    model = LlamaForCausalLM(config)
+    config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # transformers 5 itself writes safetensors only
+    assert (tmp_path / "pytorch_model.bin").is_file() and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(SftError, match="only pickle weights"):
+        load_model(ModelConfig(name_or_path=str(tmp_path)))
+    loaded = load_model(ModelConfig(name_or_path=str(tmp_path), allow_pickle=True))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+SECRET = "hf_" + "Zq7" * 12  # token-shaped, as a real hub token
+TRACKER = "wandb-" + "k3y" * 10
+
+
+def test_secrets_never_reach_saved_files_logs_or_the_model_card(tmp_path):
+    from tests.test_cli import sft
+    from tests.test_pipeline import tiny_config
+
+    raw = tiny_config(tmp_path, max_steps=2, hub_token=SECRET, eval_strategy="no")
+    raw["eval"] = {"max_samples": 2, "max_new_tokens": 4}
+    raw["export"] = {"merged": False, "verify": False}
+    config = tmp_path / "secret.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {"WANDB_API_KEY": TRACKER, "HF_TOKEN": SECRET}
+    result = sft("train", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "t"
+    written = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert run / "config.yaml" in written and run / "adapter" / "README.md" in written
+    for secret in (SECRET, TRACKER):
+        assert secret not in result.stdout + result.stderr
+        leaks = [str(p) for p, data in written.items() if secret.encode() in data]
+        assert not leaks, leaks
+    assert "hub_token: <redacted>" in (run / "config.yaml").read_text()  # it was there, and it was redacted
+
+
+def test_a_secret_in_an_error_message_is_redacted(tmp_path):
+    from tests.test_cli import sft
+
+    config = tmp_path / "c.yaml"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    raw = {"model": {"name_or_path": f"./{SECRET}"}, "data": {"train": str(data), "eval": str(data)}}
+    config.write_text(yaml.safe_dump(raw))
+    result = sft("train", str(config))  # the model folder does not exist: the error names it
+    assert result.returncode == 2 and SECRET not in result.stderr and "<redacted>" in result.stderr
+    checked = sft("check", str(config))
+    assert checked.returncode == 0 and SECRET not in checked.stdout
+
+
+def test_no_disk_space_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import sft.runs
+    from sft.config import validate_config
+    from sft.pipeline import train_run
+    from tests.test_pipeline import tiny_config
+
+    monkeypatch.setattr(sft.runs, "free_bytes", lambda path: 10 << 20)  # 10 MiB left
+    raw = tiny_config(tmp_path, max_steps=2)
+    with pytest.raises(SftError, match=r"not enough disk space for the export in .*runs: about .* needed, 10 MiB free"):
+        train_run(validate_config(raw))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_disk_space_for_a_checkpoint_stops_with_the_previous_one_intact(tmp_path, monkeypatch):
+    import sft.runs
+    from sft.config import validate_config
+    from sft.pipeline import train_run
+    from sft.train import checkpoints
+    from tests.test_pipeline import tiny_config
+
+    real, calls = sft.runs.free_bytes, []
+
+    def shrinking(path):  # plenty of space until the second checkpoint
+        calls.append(path)
+        return real(path) if len(calls) < 3 else 1 << 20
+
+    monkeypatch.setattr(sft.runs, "free_bytes", shrinking)
+    raw = tiny_config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="no")
+    with pytest.raises(SftError, match="not enough disk space for the checkpoint at step 4"):
+        train_run(validate_config(raw))
+    assert [p.name for p in checkpoints(tmp_path / "runs" / "t" / "checkpoints")] == ["checkpoint-2"]

@@ -129,7 +129,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "check":
         config = load_config(args.config, args.overrides)
-        print(f"{args.config}: valid ({config.model.name_or_path}, LoRA r={config.adapter.r})")
+        from sft.runs import redact_text
+
+        print(redact_text(f"{args.config}: valid ({config.model.name_or_path}, LoRA r={config.adapter.r})"))
         return 0
     if args.command == "data":
         from sft.inspect_data import format_report, inspect

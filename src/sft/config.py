@@ -50,6 +50,11 @@ class ModelConfig(_Section):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     trust_remote_code: bool = Field(False, description="Run Python shipped with the model; off unless you trust it")
+    allow_pickle: bool = Field(
+        False,
+        description="Also accept pickle weights (.bin/.pt) when a model has no safetensors; they are then read with "
+        "torch's weights_only unpickler (tensors only, no code). Off: pickle weights are refused",
+    )
     load_in_4bit: bool = Field(False, description="QLoRA: load the base in 4 bits with bitsandbytes (CUDA only)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -176,21 +177,29 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
         dtype=resolve_dtype(config.dtype),
         attn_implementation=config.attn_implementation,
         quantization_config=build_quantization_config(config),
-        use_safetensors=True,  # never unpickle weights
+        use_safetensors=None if config.allow_pickle else True,  # never unpickle weights unless asked
+        weights_only=True,  # and even then: tensors only, never code
         **_source_kwargs(config),
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError, pickle.UnpicklingError, RuntimeError) as err:  # RuntimeError: bad zip
         folder = Path(config.name_or_path)
         pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        if pickled and not list(folder.glob("*.safetensors")):
+        if pickled and not list(folder.glob("*.safetensors")) and not config.allow_pickle:
             raise SftError(
                 f"model.name_or_path={config.name_or_path!r}: holds only pickle weights ({', '.join(pickled)}), which "
-                "are never loaded because unpickling can run arbitrary code; expected *.safetensors - convert them "
-                "where you trust the file"
+                "are not loaded because unpickling can run arbitrary code; expected *.safetensors - convert them "
+                "where you trust the file, or set model.allow_pickle: true to read them with torch's weights_only "
+                "unpickler (tensors only)"
             ) from None
-        raise _load_error(config, "model weights (safetensors)", err) from None
+        if pickled and config.allow_pickle and ("Weights only" in str(err) or isinstance(err, pickle.UnpicklingError)):
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: {', '.join(pickled)} refused by torch's weights_only "
+                "unpickler: the file holds objects other than tensors (possibly code), so it was not loaded"
+            ) from None
+        what = "model weights (safetensors" + (" or weights_only pickle)" if config.allow_pickle else ")")
+        raise _load_error(config, what, err) from None
     model.config.use_cache = False  # training; generation turns it back on
     if tokenizer is not None and rows_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Only upward, only when tokens were added; new rows start at the mean of the old ones.
