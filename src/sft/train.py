@@ -310,7 +310,7 @@ def _trainer_class():
             try:
                 super()._save_checkpoint(model, trial)
             except OSError as err:  # disk full, quota, permissions: the previous checkpoint is untouched
-                shutil.rmtree(staged, ignore_errors=True)
+                shutil.rmtree(final_root / STAGING, ignore_errors=True)
                 kept = checkpoints(final_root)
                 raise SftError(
                     f"saving the checkpoint at step {step} in {final_root} failed ({err}); "
