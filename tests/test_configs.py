@@ -141,3 +141,10 @@ def test_a_resolved_config_validates_again(tmp_path):
     path.write_text(to_yaml(validate_config(raw)))
     reloaded = load_config(path)
     assert reloaded.data == validate_config(raw).data and reloaded.model == validate_config(raw).model
+
+
+def test_length_grouped_batches_only_when_packing_is_off(tmp_path):
+    assert build_sft_config({}, tmp_path, 64).train_sampling_strategy == "random"  # packed rows: nothing to group
+    assert build_sft_config({"packing": False}, tmp_path, 64).train_sampling_strategy == "group_by_length"
+    chosen = build_sft_config({"packing": False, "train_sampling_strategy": "sequential"}, tmp_path, 64)
+    assert chosen.train_sampling_strategy == "sequential"  # the user's choice wins
