@@ -267,7 +267,28 @@ class RunConfig(_Section):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as people write it: `1e-4` is a float (PyYAML's YAML 1.1 rules would read it as a string)."""
+    """YAML as people write it: `1e-4` is a float (PyYAML's YAML 1.1 rules would read it as a string), and a key
+    given twice in one mapping is an error (PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; keys given beside it override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                continue
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {seen + 1}); expected each key once",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -313,13 +334,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise SftError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = err.object[: err.start].count(b"\n") + 1
+        raise SftError(
+            f"{path}: not UTF-8: byte 0x{err.object[err.start]:02x} at offset {err.start} (line {line}); "
+            "expected UTF-8 text - re-encode the file"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SftError(f"{path}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     if raw is None:
-        raw = {}
+        raise SftError(f"{path}: the file is empty; expected a mapping of sections (model, data, ...)")
     if not isinstance(raw, dict):
         raise SftError(f"{path}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
     return raw
