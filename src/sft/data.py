@@ -436,6 +436,7 @@ FORMAT_FIELDS = {  # every field each format reads; any other (non-null) field w
     "text": ("text",),
 }
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 (bar tab, LF, CR), DEL, C1
+SURROGATES = re.compile("[\ud800-\udfff]")  # only from JSON escapes (\\ud83d alone): valid UTF-8 never holds one
 
 FORMAT_KEYS = {
     "messages": "messages",
@@ -481,6 +482,13 @@ def _string(row: dict, key: str, where: str, required: bool = True) -> str:
 
 
 def _plain_text(value: str, where: str, key: str) -> None:
+    half = SURROGATES.search(value)
+    if half:
+        raise SftError(
+            f"{where}: field {key!r} holds a lone surrogate U+{ord(half.group()):04X} at character {half.start()} "
+            "(half of a UTF-16 pair, e.g. an escaped \\udXXX in JSON), which no tokenizer can encode; expected "
+            "valid Unicode text"
+        )
     found = CONTROL_CHARS.search(value)
     if found:
         raise SftError(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sft.config import ModelConfig
 from sft.errors import SftError
@@ -33,12 +34,22 @@ def load_for_inference(path: Path):
     folder = resolve_export(path)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)))
     meta_path = folder / "sft_export.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except ValueError as err:  # not JSON or not UTF-8
+        raise SftError(f"{meta_path}: not valid JSON ({err}); expected the file `sft train` wrote there") from None
     if (folder / "adapter_config.json").is_file():
         base_name = meta.get("base_model") or read_adapter_base(folder)
         settings = {k: meta[k] for k in ("revision", "dtype", "attn_implementation", "trust_remote_code") if k in meta}
         base = ModelConfig(name_or_path=base_name, **settings)
-        model = PeftModel.from_pretrained(load_model(base, tokenizer), folder)
+        try:
+            model = PeftModel.from_pretrained(load_model(base, tokenizer), folder)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # missing, corrupt or misfit
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SftError(
+                f"{folder}: the adapter did not load on {base_name} ({first}); expected adapter_config.json and a "
+                "complete adapter_model.safetensors as `sft train` exported them, for this base model"
+            ) from None
     else:
         model = load_model(ModelConfig(name_or_path=str(folder)))
     eos = model.generation_config.eos_token_id

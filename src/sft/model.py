@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.config import AdapterConfig, ModelConfig
@@ -55,21 +56,71 @@ def _source_kwargs(config: ModelConfig) -> dict:
     return {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
 
 
+# What a model folder must hold for each loader, said in every load error.
+EXPECTED = {
+    "model config": "expected a config.json whose model_type this transformers version supports",
+    "tokenizer": "expected tokenizer files this transformers version reads (tokenizer.json, or tokenizer_config.json "
+    "with its vocabulary files)",
+    "model weights": "expected complete *.safetensors files whose tensors match config.json",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "*.model")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
 def _load_error(config: ModelConfig, what: str, err: Exception) -> SftError:
     where = config.name_or_path
     looks_local = where.startswith(("/", ".", "~")) or where.count("/") != 1
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if not Path(where).exists() and looks_local:
-        return SftError(f"model.name_or_path={where!r}: no such folder (and not a hub id of the form owner/name)")
+        return SftError(
+            f"model.name_or_path={where!r}: no such folder (and not a hub id of the form owner/name); expected a "
+            "model folder or a hub id"
+        )
+    if "custom code" in str(err) or "trust_remote_code" in str(err):
+        return SftError(
+            f"model.name_or_path={where!r}: its config asks to run the model's own Python code (auto_map) and "
+            "model.trust_remote_code is false; expected a model type this transformers version supports, or set "
+            "model.trust_remote_code: true once you have reviewed that code"
+        )
     if not Path(where).exists():
         hint = "not a local folder; as a hub id it could not be fetched (offline? gated? misspelt?)"
     else:
         hint = "the folder exists but its files did not load"
-    return SftError(f"model.name_or_path={where!r}: could not load the {what}: {hint}. ({first})")
+    expected = next(text for key, text in EXPECTED.items() if what.startswith(key))
+    return SftError(f"model.name_or_path={where!r}: could not load the {what}: {hint} ({first}); {expected}")
+
+
+def _check_json_files(config: ModelConfig, names: tuple[str, ...]) -> None:
+    """In a local folder, a JSON file that does not parse is named with its line before transformers reads it:
+    transformers' own messages omit the file, or blame another loader (the tokenizer reads config.json too)."""
+    folder = Path(config.name_or_path)
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        prefix = f"model.name_or_path={config.name_or_path!r}: {name}"
+        try:
+            value = json.loads(path.read_bytes())
+        except UnicodeDecodeError as err:
+            raise SftError(f"{prefix} is not UTF-8 (byte {err.start}); expected a UTF-8 JSON file") from None
+        except json.JSONDecodeError as err:
+            raise SftError(
+                f"{prefix} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); expected the file "
+                "as the model was saved - it may be truncated or edited"
+            ) from None
+        if not isinstance(value, dict):
+            raise SftError(f"{prefix} holds a JSON {type(value).__name__}; expected a JSON object")
 
 
 def load_model_config(config: ModelConfig):
     """The model's config.json alone: enough to check vocabularies and plan memory before loading weights."""
+    folder = Path(config.name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise SftError(
+            f"model.name_or_path={config.name_or_path!r}: the folder has no config.json; expected a model folder "
+            "with config.json, *.safetensors weights and tokenizer files (as save_pretrained writes them)"
+        )
+    _check_json_files(config, ("config.json", "generation_config.json"))
     try:
         return AutoConfig.from_pretrained(config.name_or_path, **_source_kwargs(config))
     except (OSError, ValueError) as err:
@@ -77,9 +128,14 @@ def load_model_config(config: ModelConfig):
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    folder = Path(config.name_or_path)
+    _check_json_files(config, ("config.json", *TOKENIZER_JSON))  # AutoTokenizer reads config.json too
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **_source_kwargs(config))
     except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
+        if folder.is_dir() and not any(next(folder.glob(name), None) for name in TOKENIZER_FILES):
+            where = f"model.name_or_path={config.name_or_path!r}"
+            raise SftError(f"{where}: the folder has no tokenizer files; {EXPECTED['tokenizer']}") from None
         if list(Path(config.name_or_path).glob("*.model")) and importlib.util.find_spec("sentencepiece") is None:
             raise SftError(
                 f"model.name_or_path={config.name_or_path!r}: its tokenizer is a SentencePiece .model file, which "
@@ -142,9 +198,12 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, model_config) -> None:
     if rows is None or rows_needed(tokenizer) <= rows:
         return
     if not set(ids_past(tokenizer, rows)) <= TEMPLATE_TOKENS:
+        where = getattr(model_config, "name_or_path", "")
         raise SftError(
-            f"the tokenizer's ids run to {rows_needed(tokenizer) - 1} but the model has {rows} embedding rows: ids "
-            f"past {rows - 1} would index nothing. The tokenizer does not belong to this model (or tokens were added "
+            (f"model.name_or_path={where!r}: " if where else "")
+            + f"the tokenizer's ids run to {rows_needed(tokenizer) - 1} but the model has {rows} embedding rows "
+            f"(config.json vocab_size): ids past {rows - 1} would index nothing; expected at least "
+            f"{rows_needed(tokenizer)} rows. The tokenizer does not belong to this model (or tokens were added "
             "without resizing the embeddings)"
         )
 
@@ -183,7 +242,8 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
-    except (OSError, ValueError, ImportError, pickle.UnpicklingError, RuntimeError) as err:  # RuntimeError: bad zip
+    except (OSError, ValueError, ImportError, pickle.UnpicklingError, RuntimeError, SafetensorError) as err:
+        # RuntimeError: a bad zip, or tensors whose shapes do not fit config.json; SafetensorError: a corrupt file
         folder = Path(config.name_or_path)
         pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         if pickled and not list(folder.glob("*.safetensors")) and not config.allow_pickle:
@@ -198,6 +258,18 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
                 f"model.name_or_path={config.name_or_path!r}: {', '.join(pickled)} refused by torch's weights_only "
                 "unpickler: the file holds objects other than tensors (possibly code), so it was not loaded"
             ) from None
+        unreadable = _unreadable_safetensors(folder) if isinstance(err, SafetensorError) else None
+        if unreadable:
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: {unreadable}; {EXPECTED['model weights']} - the file "
+                "may be truncated or corrupt: copy or download it again"
+            ) from None
+        mismatch = _shape_mismatch(config) if "mismatched" in str(err) else None
+        if mismatch:
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: the weights do not fit config.json: {mismatch}; "
+                "expected the config.json the weights were saved with"
+            ) from None
         what = "model weights (safetensors" + (" or weights_only pickle)" if config.allow_pickle else ")")
         raise _load_error(config, what, err) from None
     model.config.use_cache = False  # training; generation turns it back on
@@ -205,6 +277,36 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
         # Only upward, only when tokens were added; new rows start at the mean of the old ones.
         model.resize_token_embeddings(rows_needed(tokenizer), mean_resizing=True)
     return model
+
+
+def _unreadable_safetensors(folder: Path) -> str | None:
+    """The first *.safetensors file whose header does not read (transformers' error does not name the file)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                weights.keys()
+        except Exception as err:  # SafetensorError, or an OSError for an unreadable file
+            return f"{file.name} is not a readable safetensors file ({err})"
+    return None
+
+
+def _shape_mismatch(config: ModelConfig) -> str | None:
+    """The first tensor whose shape in the checkpoint differs from the one config.json builds (transformers only
+    logs these, in a report shown at warning verbosity); None if none is found."""
+    folder = Path(config.name_or_path)
+    try:
+        with torch.device("meta"):  # shapes only: no memory
+            model = AutoModelForCausalLM.from_config(load_model_config(config))
+        built = {name: list(t.shape) for name, t in model.state_dict().items()}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as weights:
+                for name in weights.keys():
+                    shape = list(weights.get_slice(name).get_shape())
+                    if name in built and built[name] != shape:
+                        return f"{name} is {shape} in {file.name} but config.json makes it {built[name]}"
+    except Exception:  # a best-effort detail for the message; the caller falls back to the library's error
+        return None
+    return None
 
 
 def build_lora_config(config: AdapterConfig, new_tokens: list[int], train_head: str | None):
@@ -258,4 +360,10 @@ def read_adapter_base(adapter_dir: Path) -> str:
     meta = adapter_dir / "adapter_config.json"
     if not meta.is_file():
         raise SftError(f"{adapter_dir}: no adapter_config.json; expected an adapter exported by `sft train`")
-    return json.loads(meta.read_text())["base_model_name_or_path"]
+    try:
+        base = json.loads(meta.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as err:  # not JSON, not UTF-8, or not an object
+        raise SftError(f"{meta}: not a JSON object ({err}); expected the adapter_config.json peft writes") from None
+    if not isinstance(base, str):
+        raise SftError(f"{meta}: no base_model_name_or_path; expected the base model the adapter was trained on")
+    return base
