@@ -47,16 +47,17 @@ HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
 # logits, scaled logits, log-probs, probs, gradient, target one-hot (fp32), its difference with the probs (7 fp32)
 # and the boolean target mask; the forward holds about five.
 HEAD_BWD_BYTES, HEAD_FWD_BYTES = 7 * 4 + 1, 5 * 4 + 1
-# What a CPU training process holds besides tensors: measured as the whole peak (27 MiB) of two steps of a 1-layer
-# d=64 model whose tensors are 2 MiB: model, peft, Trainer and dataloader objects and the packed Arrow dataset (~10
-# MiB), OpenMP/oneDNN thread pools, kernel caches and code pages touched on the first step (~12 MiB).
-CPU_RUNTIME = 25 * MiB
+# What a CPU training process holds besides tensors, by compute dtype: measured as the whole peak of two steps of a
+# 1-layer d=64 model (tensors: 2 MiB) in a fresh process: model, peft, Trainer and dataloader objects and the packed
+# Arrow dataset (~10 MiB), the OpenMP/oneDNN thread pools, kernel caches and code pages touched on the first step;
+# the first bf16 autocast step also loads and JIT-compiles oneDNN's bf16 kernels (~18 MiB more).
+CPU_RUNTIME = {"fp32": 28 * MiB, "bf16": 46 * MiB}
 # glibc malloc serves blocks under its dynamic mmap threshold (which rises to at most 32 MiB as blocks are freed)
 # from its heap, and the heap never shrinks below its highest live block. Through the forward pass it grows layer by
 # layer: the temporaries each layer frees (base-layer and LoRA outputs before their sum, RoPE halves, casts) leave
 # holes between the tensors kept for backward (or the layer checkpoints) that later, differently sized requests do
 # not fill. Watched with mallinfo2 over training steps (fp32 and bf16, with and without checkpointing, d=128 and
-# d=512): the heap's free bytes at the step's peak are 0.6-1.1x what one forward pass allocates for its saved
+# d=512): the heap's free bytes at the step's peak are 0.6-1.15x what one forward pass allocates for its saved
 # activations and masks; 0.85x is used. (MALLOC_MMAP_THRESHOLD_=65536 would remove it, at the cost of page faults.)
 GLIBC_RETENTION = 0.85
 GLIBC_MMAP_MAX = 32 * MiB
@@ -474,9 +475,9 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
         heap_mask = mask_elems * act_bytes if mask_elems * act_bytes <= GLIBC_MMAP_MAX else 0
         in_heap = shape.layers * (tokens * (heap_wide + heap_narrow) + heap_mask)
         train["allocator_retention"] = int(GLIBC_RETENTION * in_heap)
-        train["runtime"] = CPU_RUNTIME
+        train["runtime"] = CPU_RUNTIME[s.compute]
         notes["allocator_retention"] = f"glibc heap keeps freed forward temporaries (~{GLIBC_RETENTION}x)"
-        notes["runtime"] = "Trainer, dataloader, thread pools, kernel caches (measured)"
+        notes["runtime"] = "objects, thread pools, kernels loaded on first use (measured)"
 
     eval_tokens = s.eval_batch * s.max_length
     eval_rows = 1 if s.single_row else s.eval_batch
@@ -510,7 +511,7 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
     if s.device == "cpu":  # the process keeps its runtime through every phase
         for phase in (evaluation, generation):
             if phase:
-                phase["runtime"] = CPU_RUNTIME
+                phase["runtime"] = CPU_RUNTIME[s.compute]
     return Memory(
         train=train,
         train_notes=notes,
@@ -861,6 +862,9 @@ def _decide(config: RunConfig, shape: ModelShape, device: Device) -> tuple[dict[
         elif device.kind == "cuda":
             auto["bf16"] = True
             auto["_precision_reason"] = "bf16 on a CUDA device that supports it"
+        elif config.train.get("use_cpu") is False and device.key == "cpu":
+            auto["bf16"] = False  # TRL allows bf16 on a CPU-only machine only with use_cpu
+            auto["_precision_reason"] = "fp32: the config sets train.use_cpu=false, which TRL needs for bf16 on a CPU"
         elif config.model.dtype in ("auto", "float32") and device.key == "cpu":
             probe_settings = settings_for(config, device, "fp32", False)
             choice, reason = choose_cpu_precision(shape, probe_settings)
@@ -877,20 +881,21 @@ def _decide(config: RunConfig, shape: ModelShape, device: Device) -> tuple[dict[
         where = f"{_gib(budget)} {'available RAM' if device.kind == 'cpu' else 'usable on ' + device.name}"
         if without <= budget:
             auto["activation_checkpointing"] = False
-            reason = f"off: the plan's peak without it is {_gib(without)} of {where}"
+            reason = f"the plan's peak without it is {_gib(without)} of {where}"
         elif with_ckpt <= budget:
             auto["activation_checkpointing"] = True
-            reason = f"on: without it the peak would be {_gib(without)}, with it {_gib(with_ckpt)}, of {where}"
+            reason = f"without it the peak would be {_gib(without)}, with it {_gib(with_ckpt)}, of {where}"
         else:
             auto["activation_checkpointing"] = True
-            reason = f"on, and still not enough: {_gib(with_ckpt)} with it ({_gib(without)} without) of {where}"
+            reason = f"still not enough: {_gib(with_ckpt)} with it ({_gib(without)} without) of {where}"
             lines.append(
                 f"warning: the plan predicts this run will not fit: {_gib(with_ckpt)} at its peak even with "
                 f"activation checkpointing, {where}; run `sft plan` for what to change"
             )
         auto["_checkpointing_reason"] = reason
         lines.insert(
-            len(lines) - (1 if lines and lines[-1].startswith("warning") else 0), f"activation checkpointing: {reason}"
+            len(lines) - (1 if lines and lines[-1].startswith("warning") else 0),
+            f"activation checkpointing: {'on' if auto['activation_checkpointing'] else 'off'} ({reason})",
         )
     return auto, lines
 
@@ -1022,8 +1027,8 @@ def format_plan(plan: Plan, measured: dict[str, Any] | None = None) -> str:
         f"({shape.source})",
         f"step: {s.describe()}",
         f"precision: {s.compute}{' autocast' if s.compute == 'bf16' and s.weight_bytes == 4 else ''}"
-        + (f" - {plan.precision_reason}" if plan.precision_reason else ""),
-        f"activation checkpointing: {'on' if s.checkpointing else 'off'} - {plan.checkpointing_reason}",
+        + (f" ({plan.precision_reason})" if plan.precision_reason else ""),
+        f"activation checkpointing: {'on' if s.checkpointing else 'off'} ({plan.checkpointing_reason})",
         "",
         f"{'training step, at its peak':<34}{'MiB':>12}  notes",
     ]
@@ -1084,7 +1089,42 @@ def format_measurement(plan: Plan, measured: dict[str, Any]) -> str:
 # Measuring
 
 
-def measure(config: RunConfig, plan: Plan, steps: int = 2) -> dict[str, Any]:
+def measure_in_child(config_path: str, overrides: list[str], plan: Plan, steps: int = 2) -> dict[str, Any]:
+    """`measure` in a fresh Python process, as `sft train` runs: what this process did first (the precision probe,
+    building the stand-in) would otherwise have warmed up kernels and thread pools and moved the baseline."""
+    import subprocess
+
+    request = {
+        "config": config_path,
+        "overrides": overrides,
+        "settings": dataclasses.asdict(plan.settings),
+        "vocab": plan.shape.vocab,
+        "train_options": _plan_train_options(plan),
+        "steps": steps,
+    }
+    child = subprocess.run(
+        [sys.executable, "-m", "sft.plan"], input=json.dumps(request), stdout=subprocess.PIPE, text=True
+    )  # the child's progress goes to our stderr as it comes
+    if child.returncode != 0:
+        raise SftError(f"--measure: the training steps failed (exit {child.returncode}); see the messages above")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _measure_child() -> None:
+    from sft.config import load_config
+
+    request = json.loads(sys.stdin.read())
+    config = load_config(request["config"], request["overrides"])
+    fields = request["settings"]
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its progress and metrics: keep stdout clean
+        result = measure(config, settings, request["vocab"], request["train_options"], request["steps"])
+    print(json.dumps(result), flush=True)
+
+
+def measure(
+    config: RunConfig, s: Settings, vocab: int, train_options: dict[str, Any], steps: int = 2
+) -> dict[str, Any]:
     """Build the model and run `steps` real training steps with the plan's settings on rows of exactly
     data.max_length tokens, every one trained (the worst case the plan predicts); peak memory from just before the
     model is built, and each step's time."""
@@ -1101,9 +1141,8 @@ def measure(config: RunConfig, plan: Plan, steps: int = 2) -> dict[str, Any]:
 
     _build_stand_in(config)
     tokenizer = load_tokenizer(config.model)
-    s = plan.settings
     rows_needed = s.batch * s.accumulation * steps
-    vocab = min(plan.shape.vocab, len(tokenizer))
+    vocab = min(vocab, len(tokenizer))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows_needed, s.max_length), generator=generator).tolist()
     if s.packing:  # two documents to a packed row, as real data packs: a block-diagonal mask, as planned
@@ -1113,7 +1152,7 @@ def measure(config: RunConfig, plan: Plan, steps: int = 2) -> dict[str, Any]:
         rows = [row[:-1] if i % s.batch == s.batch - 1 else row for i, row in enumerate(ids)]
     dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
     train = {
-        **{k: v for k, v in _plan_train_options(plan).items() if k not in config.train},
+        **{k: v for k, v in train_options.items() if k not in config.train},
         **config.train,
         "max_steps": steps,
         "num_train_epochs": 1,
@@ -1194,10 +1233,7 @@ def run_plan(config_path: str, overrides: list[str], device: str | None, do_meas
     if do_measure:
         _build_stand_in(config)  # measuring builds the model anyway: plan with its real vocabulary
     plan = make_plan(config, device_name=device, config_name=config_path)
-    measured = None
-    if do_measure:
-        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its progress and metrics: keep stdout clean
-            measured = measure(config, plan)
+    measured = measure_in_child(config_path, overrides, plan) if do_measure else None
     if as_json:
         out = plan.to_json()
         if measured:
@@ -1209,3 +1245,7 @@ def run_plan(config_path: str, overrides: list[str], device: str | None, do_meas
         print(format_plan(plan, measured))
     sys.stdout.flush()
     return 0
+
+
+if __name__ == "__main__":  # `sft plan --measure` runs its steps here, in a fresh process (see measure_in_child)
+    _measure_child()
