@@ -87,7 +87,7 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
     resumed = resumable_run(config, resume, dataset.fingerprint(), force) if resume else None
     # Building the SFTConfig sets up the (possibly distributed) device state the Trainer will use: ask it who we are.
     # It writes nothing; it comes this early so that the ranks can take turns below.
-    sft_config = build_sft_config(config.train, "checkpoints", config.data.max_length)
+    sft_config = build_sft_config({**planned(config, resumed), **config.train}, "checkpoints", config.data.max_length)
     main = sft_config.process_index == 0
     # Data preparation once per machine, not once per rank: the local main process builds the stand-in model and
     # tokenizes into the cache (atomic writes) while the other ranks wait; they then read both from disk.
@@ -182,6 +182,34 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
         print(card["metrics_markdown"])
     log(f"done in {time.time() - started:.0f} s: {run_dir}")
     return run_dir
+
+
+PLANNED = ("bf16", "use_cpu", "activation_checkpointing")
+
+
+def planned(config: RunConfig, resumed: tuple[Path, Path] | None) -> dict:
+    """Precision and activation checkpointing where the config leaves them unset, from `sft plan` (config.json only,
+    before any weight is loaded), with the reasons logged; a warning when the run will not fit. A resumed run keeps
+    the values it started with, so that it continues with the same arithmetic."""
+    if resumed is not None:
+        started = _read_json(resumed[0] / "train_args.json")
+        return {k: started[k] for k in PLANNED if k in started and k not in config.train}
+    from sft.plan import auto_settings, read_model_config
+
+    auto, reasons = auto_settings(config, read_model_config(config)[0])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_cuda():
+        # Several CPU processes must agree on the precision; a timing probe per process could disagree.
+        auto = {k: v for k, v in auto.items() if k not in ("bf16", "use_cpu")}
+        reasons = [r for r in reasons if not r.startswith("precision")] + ["precision: fp32 (several CPU processes)"]
+    for line in reasons:
+        log(line)
+    return auto
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _export_size(model, config: RunConfig) -> int:
