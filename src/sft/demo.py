@@ -28,11 +28,29 @@ def stand_in_recipe(spec: TinyModelSpec, corpus: list[str]) -> dict:
     return {"spec": spec.model_dump(), "corpus_sha256": digest}
 
 
+def stand_in_config(spec: TinyModelSpec, vocab_size: int | None = None, **extra):
+    """The LlamaConfig of a stand-in model. Before the tokenizer is learnt, the vocabulary is its bound."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size or spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,  # as Llama 3.2 1B: copying a prompt word out is then easy to learn
+        initializer_range=spec.initializer_range,
+        **extra,
+    )
+
+
 def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None:
     """Write a random-weight Llama and a byte-level BPE tokenizer learnt from `corpus` to `path`, atomically."""
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     # SentencePiece-style BPE (as Llama 2 and Mistral): a word is the same token ("▁cat") wherever it stands,
     # after a space or at the start of a line, so the model does not have to learn two spellings of each word.
@@ -60,19 +78,12 @@ def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None
         model_max_length=spec.max_position_embeddings,
     )
 
-    config = LlamaConfig(
+    config = stand_in_config(
+        spec,
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,  # as Llama 3.2 1B: copying a prompt word out is then easy to learn
-        initializer_range=spec.initializer_range,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sft.config import RunConfig, TinyModelSpec
+from sft.config import RunConfig
 from sft.errors import SftError
 
 GiB, MiB = 2**30, 2**20
@@ -165,29 +165,14 @@ def model_shape(model_config: Any, source: str = "config.json") -> ModelShape:
     )
 
 
-def stand_in_config(spec: TinyModelSpec):
-    """The config `sft.demo.build_tiny_model` will write, before it exists. Its vocabulary is learnt from the data
-    and is at most `spec.vocab_size`: that bound is planned."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
-    )
-
-
 def read_model_config(config: RunConfig) -> tuple[Any, str]:
     """config.json of the model, or the stand-in's when `model.tiny` will build it; and where it came from."""
     from sft.model import load_model_config
 
     path = Path(config.model.name_or_path)
     if not path.exists() and config.model.tiny is not None:
+        from sft.demo import stand_in_config
+
         return stand_in_config(config.model.tiny), "model.tiny (stand-in not built yet; vocabulary at most)"
     if path.is_dir() and not (path / "config.json").is_file():
         raise SftError(
