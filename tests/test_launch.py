@@ -26,6 +26,7 @@ SMALL = [
     "eval.max_samples=4",
     "export.merged=false",
     "export.verify=false",
+    "train.bf16=false",  # one process may measure bf16 faster here; several always run fp32: compare like for like
 ]
 GLOBAL_BATCH = 8
 

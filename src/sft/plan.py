@@ -174,11 +174,6 @@ def read_model_config(config: RunConfig) -> tuple[Any, str]:
         from sft.demo import stand_in_config
 
         return stand_in_config(config.model.tiny), "model.tiny (stand-in not built yet; vocabulary at most)"
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise SftError(
-            f"model.name_or_path={config.model.name_or_path!r}: no config.json in that folder; the planner reads the "
-            "model's shapes from it (expected a Hugging Face model folder)"
-        )
     return load_model_config(config.model), str(path / "config.json") if path.is_dir() else config.model.name_or_path
 
 

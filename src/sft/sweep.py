@@ -643,7 +643,7 @@ def _trial_main(argv: list[str]) -> int:
                 control.should_training_stop = True
 
     pipeline_callbacks = sft.train.make_callbacks
-    sft.train.make_callbacks = lambda metrics_path: [*pipeline_callbacks(metrics_path), TimeLimit()]
+    sft.train.make_callbacks = lambda *args: [*pipeline_callbacks(*args), TimeLimit()]
     from sft.cli import main
 
     return main(argv[1:])
