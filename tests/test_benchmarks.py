@@ -1,0 +1,78 @@
+"""The benchmark harnesses run end to end on their tiny `--quick` setting and write well-formed results.
+
+Only the shape of what they write is checked: timings on a shared machine are for the harnesses to print, not for
+tests to assert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("trl_default", "trl_tuned", "sft")
+
+
+def run_quick(script: str, out: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_trl_vs_sft_quick_writes_its_report(tmp_path):
+    run_quick("trl_vs_sft.py", tmp_path)
+    report = json.loads((tmp_path / "trl_vs_sft.json").read_text())
+    variants = report["variants"]
+    assert set(VARIANTS) <= set(variants)
+    for key in ("speedup_vs_trl_default", "speedup_vs_trl_tuned"):
+        assert report[key] > 0 and math.isfinite(report[key])
+    assert report["speedup_vs_trl_default"] == pytest.approx(
+        variants["sft"]["real_tokens_per_s"] / variants["trl_default"]["real_tokens_per_s"]
+    )
+    tokens = {name: variants[name]["real_tokens"] for name in VARIANTS}
+    assert len(set(tokens.values())) == 1, f"every variant must see the same real tokens: {tokens}"
+    for name in VARIANTS:
+        v = variants[name]
+        assert v["real_tokens_per_s"] > 0 and v["time_to_first_step_s"] > 0 and v["peak_memory_mib"] >= 0
+        assert 0 <= v["pad_fraction"] < 1 and 0 < v["mfu"] < 1 and v["matmul_peak_flops"] > 0
+        assert math.isfinite(v["heldout_loss"]) and v["precision"] in ("fp32", "bf16", "fp16")
+    assert variants["trl_default"]["pad_fraction"] > 0 and not variants["trl_default"]["packing"]
+    assert variants["trl_default"]["gradient_checkpointing"] and variants["trl_tuned"]["packing"]
+    assert variants["sft"]["pad_fraction"] == 0 and variants["sft"]["packing"]
+    assert set(report["data"]["lengths"]["train"]) >= {"mean", "p50", "p95", "max"}
+    assert set(report["matmul_peak_flops"]) == {"fp32", "bf16"} and set(report["targets_met"])
+    assert {"cpu", "torch", "transformers", "trl", "peft"} <= set(report["machine"])
+
+    table = (tmp_path / "trl_vs_sft.md").read_text()
+    assert "| variant |" in table and "real tok/s" in table and "MFU" in table
+    for v in variants.values():
+        assert v["label"] in table
+
+
+@pytest.mark.slow
+def test_scaling_quick_writes_table_and_plot(tmp_path):
+    run_quick("scaling.py", tmp_path)
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    points = report["points"]
+    lengths = report["settings"]["lengths"]
+    assert len(points) == len(report["models"]) * len(lengths) * 2  # with and without checkpointing
+    assert {(p["model"], p["length"], p["checkpointing"]) for p in points} == {
+        (m, s, c) for m in report["models"] for s in lengths for c in (False, True)
+    }
+    for p in points:
+        assert p["real_tokens_per_s"] > 0 and p["peak_memory_bytes"] >= 0 and p["pad_tokens"] == 0
+        assert p["tokens_per_step"] == p["rows_per_step"] * p["length"]
+    table = (tmp_path / "scaling.md").read_text()
+    assert table.count("\n| ") == 1 + len(points) // 2  # header + one row per (model, length)
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
