@@ -296,6 +296,29 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process on the machine has used, CPU seconds this process has used), both since an
+    arbitrary origin: the difference over a stretch of work says how much CPU others took meanwhile."""
+    own = os.times()
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    busy = sum(values) - values[3] - values[4]  # all but idle and iowait, in clock ticks
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def others_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+    """Cores' worth of CPU that other processes used between two (wall, all, own) snapshots."""
+    wall = end[0] - start[0]
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall) if wall > 0 else 0.0
+
+
+def snapshot() -> tuple[float, float, float]:
+    return (time.perf_counter(), *cpu_seconds())
+
+
 def cpu_idle(seconds: float = 2.0) -> float:
     """Fraction of all CPUs idle over the next `seconds` (from /proc/stat; 1.0 where it cannot be read)."""
 

@@ -76,3 +76,27 @@ def test_scaling_quick_writes_table_and_plot(tmp_path):
     table = (tmp_path / "scaling.md").read_text()
     assert table.count("\n| ") == 1 + len(points) // 2  # header + one row per (model, length)
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_gpu_harness_dry_run_writes_its_report(tmp_path):
+    """benchmarks/gpu.py at tiny shapes on whatever device is here: the harness that the GPU machine runs."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--only", "1b-lora", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    results = {r["variant"]: r for r in report["results"]}
+    assert set(results) == {"trl_default", "sft"} and not any("error" in r for r in results.values())
+    assert results["trl_default"]["pad_fraction"] > 0 and results["sft"]["pad_fraction"] == 0
+    assert results["sft"]["attn_implementation"] == "sdpa_packed"
+    for r in results.values():
+        assert r["real_tokens_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 1
+    assert report["speedup_vs_trl_default"]["1b-lora"] == pytest.approx(
+        results["sft"]["real_tokens_per_s"] / results["trl_default"]["real_tokens_per_s"]
+    )
+    assert "| 1b-lora | sft |" in (tmp_path / "gpu.md").read_text()

@@ -40,10 +40,13 @@ def _has_flash_attn() -> bool:
 
 _cuda = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 IMPLEMENTATIONS = [
+    pytest.param(("auto", "cpu"), id="auto-cpu"),  # sdpa_packed for this Llama: checked to resolve so below
+    pytest.param(("sdpa_packed", "cpu"), id="sdpa_packed-cpu"),
     pytest.param(("sdpa", "cpu"), id="sdpa-cpu"),
     pytest.param(("eager", "cpu"), id="eager-cpu"),
     # Compiled by torch.compile on first use: ~1 minute on 2 busy cores
     pytest.param(("flex_attention", "cpu"), id="flex_attention-cpu", marks=pytest.mark.slow),
+    pytest.param(("sdpa_packed", "cuda"), id="sdpa_packed-cuda", marks=_cuda),
     pytest.param(("sdpa", "cuda"), id="sdpa-cuda", marks=_cuda),
     pytest.param(("eager", "cuda"), id="eager-cuda", marks=_cuda),
     pytest.param(("flex_attention", "cuda"), id="flex_attention-cuda", marks=_cuda),
@@ -76,13 +79,16 @@ def stand_in(tmp_path_factory):
 def packed(request, stand_in, tmp_path_factory):
     """An SFTTrainer as the pipeline builds it (LoRA model, our SFTConfig) and the first batch it would train on."""
     from datasets import Dataset
-    from trl import SFTTrainer
+
+    from sft.train import trainer_class
 
     implementation, device = request.param
     path, tokenizer, rows = stand_in
     # flash-attn runs in half precision only; the others are checked in fp32, where isolation must be exact
     dtype = "bfloat16" if implementation == "flash_attention_2" else "float32"
     model = load_model(ModelConfig(name_or_path=str(path), attn_implementation=implementation, dtype=dtype))
+    expected = "sdpa_packed" if implementation == "auto" else implementation
+    assert model.config._attn_implementation == expected
     model = apply_lora(model, AdapterConfig(r=8))
     generator = torch.Generator().manual_seed(0)
     for name, param in model.named_parameters():
@@ -91,7 +97,9 @@ def packed(request, stand_in, tmp_path_factory):
     train = {"per_device_train_batch_size": BATCH, "eval_strategy": "no", "bf16": False, "use_cpu": device == "cpu"}
     args = build_sft_config(train, tmp_path_factory.mktemp("out"), MAX_LENGTH)
     dataset = Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels")})
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    # The pipeline's trainer: in training mode its loss is sft.loss's labelled-positions head
+    trainer = trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer.labelled_head
     trainer.model.train()  # as during training (dropout is 0: the outputs do not depend on the mode)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     return implementation, trainer, batch, rows
@@ -157,7 +165,8 @@ def test_adapter_changes_the_outputs(packed):
 
 
 def test_the_trainer_loss_is_the_loss_of_the_examples_alone(packed):
-    """SFTTrainer's own loss on the packed batch: the mean NLL of every trained token, each scored alone."""
+    """The trainer's loss on the packed batch (sft.loss's labelled head, as in training): the mean NLL of every
+    trained token, each scored alone."""
     implementation, trainer, batch, _ = packed
     total, count = 0.0, 0
     with torch.no_grad():
@@ -193,6 +202,11 @@ def test_the_check_fails_when_examples_can_see_each_other(packed, control):
     implementation, trainer, batch, _ = packed
     if implementation == "flash_attention_2" and control != "no position_ids":
         pytest.skip("flash-attn's varlen path is driven by position_ids; only their absence is a control there")
+    if implementation in ("auto", "sdpa_packed") and control != "no position_ids":
+        pytest.skip(
+            "sdpa_packed separates documents wherever position_ids restart, also under an all-ones mask or with a "
+            "cache: only their absence is a control there"
+        )
     with torch.no_grad():
         logits = trainer.model(**CONTROLS[control](batch)).logits[0]
         for a, b in segments(batch)[1:]:

@@ -104,10 +104,13 @@ def test_the_plan_of_the_tiny_default_prints_a_table_and_the_same_as_json(tmp_pa
 def test_predictions_respond_to_settings(tmp_path):
     config = tiny(tmp_path)
     shape = model_shape(read_model_config(config)[0])
-    base = settings_for(config, GPUS["h100"], "bf16", checkpointing=False)
 
     def train(s):
         return predict_memory(shape, s).train
+
+    base = settings_for(config, shape, GPUS["h100"], "bf16", checkpointing=False)
+    assert base.attention == "sdpa_packed" and train(base)["attention_mask"] == 0  # auto: no dense mask
+    base = replace(base, attention="sdpa")  # with sdpa, packed rows carry a T x T mask
 
     # 4 bits for the decoder linears; the tied embedding stays (fp32) beside them
     assert train(replace(base, load_in_4bit=True))["weights"] < train(base)["weights"] * 0.6

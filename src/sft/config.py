@@ -48,7 +48,11 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on a CUDA device that supports it, else float32"
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="auto = sdpa_packed where every layer is plain causal attention, else sdpa. sdpa_packed runs sdpa "
+        "once per packed document (no T x T mask, no FLOPs across documents) and is plain sdpa everywhere else",
+    )
     trust_remote_code: bool = Field(False, description="Run Python shipped with the model; off unless you trust it")
     allow_pickle: bool = Field(
         False,

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sft import attention
 from sft.config import AdapterConfig, ModelConfig
 from sft.errors import SftError
 
@@ -230,11 +231,28 @@ def build_quantization_config(config: ModelConfig):
     )
 
 
+def set_attention(model: PreTrainedModel, requested: str, where: str = "") -> str:
+    """`auto` and `sdpa_packed` load as sdpa, then switch to sdpa_packed where every layer is plain causal attention
+    (see sft.attention). Returns the implementation the model now uses."""
+    if requested in ("auto", attention.NAME):
+        if attention.supports_packed(model.config):
+            model.set_attn_implementation(attention.NAME)
+        elif requested == attention.NAME:
+            raise SftError(
+                f"model.attn_implementation={attention.NAME!r}: {where or 'the model'} has layers that are not plain "
+                "causal attention (a sliding window, chunked attention or logit soft-capping), which per-document "
+                "sdpa would not reproduce; expected auto or sdpa for this model"
+            )
+    return model.config._attn_implementation
+
+
 def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """The base model; with a tokenizer that has grown (a named template's tokens), embeddings grow to fit it."""
     kwargs = dict(
         dtype=resolve_dtype(config.dtype),
-        attn_implementation=config.attn_implementation,
+        attn_implementation="sdpa"
+        if config.attn_implementation in ("auto", attention.NAME)
+        else config.attn_implementation,
         quantization_config=build_quantization_config(config),
         use_safetensors=None if config.allow_pickle else True,  # never unpickle weights unless asked
         weights_only=True,  # and even then: tensors only, never code
@@ -272,6 +290,7 @@ def load_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = 
             ) from None
         what = "model weights (safetensors" + (" or weights_only pickle)" if config.allow_pickle else ")")
         raise _load_error(config, what, err) from None
+    set_attention(model, config.attn_implementation, repr(config.name_or_path))
     model.config.use_cache = False  # training; generation turns it back on
     if tokenizer is not None and rows_needed(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Only upward, only when tokens were added; new rows start at the mean of the old ones.

@@ -9,9 +9,12 @@ peft 0.21, TRL 1.16), read from their source and checked tensor by tensor agains
 - activations saved for backward, per layer and token, for fp32 or bf16 autocast (see `_layer_bytes`), and with
   activation checkpointing only each layer's input plus one layer recomputed during backward;
 - the attention mask of padding-free packed rows: sdpa turns the boolean T x T block-diagonal mask into an additive
-  float one in every layer and keeps it for backward, so it grows with the square of the tokens per micro-batch;
-- TRL's fused LM head: on a GPU (Triton) it keeps one [4096 x 32768] tile; elsewhere its torch fallback holds about
-  eight fp32 [tokens x vocab] arrays (tiles of at most 4096 x 32768) during backward;
+  float one in every layer and keeps it for backward, so it grows with the square of the tokens per micro-batch
+  (`sdpa_packed`, the default where the model allows it, builds none);
+- the training loss: sft.loss's labelled-positions head holds one chunk of logits (about 16M) and the hidden
+  states' gradient; where it does not apply, TRL's fused LM head: on a GPU (Triton) one [4096 x 32768] tile,
+  elsewhere its torch fallback about eight fp32 [tokens x vocab] arrays (tiles of at most 4096 x 32768) in backward;
+  evaluation always runs TRL's head;
 - evaluation (no saved activations) and generation (KV cache) as separate phases.
 
 `auto_settings` is what `sft train` uses: bf16 vs fp32 on a CPU chosen by a measured probe (cached per machine),
@@ -104,6 +107,7 @@ class ModelShape:
     vocab: int
     tied: bool
     source: str
+    packed_attention: bool = True  # every layer plain causal attention: `auto` runs sdpa_packed (sft.attention)
 
     @property
     def q_dim(self) -> int:
@@ -150,6 +154,8 @@ def model_shape(model_config: Any, source: str = "config.json") -> ModelShape:
             f"{source}: no {', '.join(missing)}; `sft plan` needs a decoder-only transformer config "
             "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size)"
         )
+    from sft.attention import supports_packed
+
     heads = text.num_attention_heads
     return ModelShape(
         model_type=getattr(text, "model_type", "?"),
@@ -162,6 +168,7 @@ def model_shape(model_config: Any, source: str = "config.json") -> ModelShape:
         vocab=text.vocab_size,
         tied=bool(getattr(model_config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", False))),
         source=source,
+        packed_attention=supports_packed(model_config),
     )
 
 
@@ -204,6 +211,7 @@ class Settings:
     lora_roles: tuple[str, ...]
     use_dora: bool
     full_modules: tuple[str, ...]  # modules_to_save trained in full (embed_tokens, lm_head)
+    labelled_head: bool = True  # training's loss is sft.loss's (a frozen LM head); else TRL's fused head
 
     @property
     def tokens(self) -> int:
@@ -257,7 +265,7 @@ def lora_roles(target_modules: str | list[str]) -> tuple[str, ...]:
     return tuple(r for r in ROLES if r in roles)
 
 
-def settings_for(config: RunConfig, device: Device, compute: str, checkpointing: bool) -> Settings:
+def settings_for(config: RunConfig, shape: ModelShape, device: Device, compute: str, checkpointing: bool) -> Settings:
     packing = bool(train_value(config, "packing"))
     strategy = train_value(config, "packing_strategy")
     padding_free = bool(train_value(config, "padding_free")) or (packing and strategy in ("bfd", "bfd_split"))
@@ -265,6 +273,7 @@ def settings_for(config: RunConfig, device: Device, compute: str, checkpointing:
     weight_bytes = 4 if dtype == "float32" or (dtype == "auto" and device.kind == "cpu") else 2
     eval_batch = int(train_value(config, "per_device_eval_batch_size"))
     eval_strategy = str(train_value(config, "eval_strategy"))
+    full_modules = tuple(m for m in (config.adapter.modules_to_save or []) if m in ("embed_tokens", "lm_head"))
     return Settings(
         device=device.kind,
         compute=compute,
@@ -277,7 +286,7 @@ def settings_for(config: RunConfig, device: Device, compute: str, checkpointing:
         packing=packing,
         padding_free=padding_free,
         checkpointing=checkpointing,
-        attention=config.model.attn_implementation,
+        attention=_attention(config.model.attn_implementation, shape),
         eval_batch=eval_batch,
         eval_enabled=eval_strategy not in ("no", "IntervalStrategy.NO"),
         gen_batch=config.eval.batch_size if config.eval.enabled else 0,
@@ -285,8 +294,15 @@ def settings_for(config: RunConfig, device: Device, compute: str, checkpointing:
         lora_r=config.adapter.r,
         lora_roles=lora_roles(config.adapter.target_modules),
         use_dora=config.adapter.use_dora,
-        full_modules=tuple(m for m in (config.adapter.modules_to_save or []) if m in ("embed_tokens", "lm_head")),
+        full_modules=full_modules,
+        labelled_head=not ("lm_head" in full_modules or (shape.tied and "embed_tokens" in full_modules)),
     )
+
+
+def _attention(requested: str, shape: ModelShape) -> str:
+    if requested == "auto":
+        return "sdpa_packed" if shape.packed_attention else "sdpa"
+    return requested
 
 
 # Memory
@@ -305,7 +321,7 @@ def _layer_bytes(shape: ModelShape, s: Settings, masked: bool) -> tuple[int, int
     d, i, r, h = shape.hidden, shape.intermediate, s.lora_r, shape.heads
     roles = set(s.lora_roles)
     # With a mask, sdpa cannot use grouped-query attention natively: transformers repeats k and v to all heads.
-    kv = shape.q_dim if (masked and shape.kv_heads < shape.heads and s.attention == "sdpa") else shape.kv_dim
+    kv = shape.q_dim if (masked and shape.kv_heads < shape.heads and s.attention.startswith("sdpa")) else shape.kv_dim
     attention = shape.q_dim + 2 * kv + shape.q_dim  # q, k (after RoPE), v, output
     mlp = 3 * i  # gate, up, silu(gate)
     lora_out = r * len(roles)
@@ -322,8 +338,11 @@ def _layer_bytes(shape: ModelShape, s: Settings, masked: bool) -> tuple[int, int
 
 def _mask_elements(s: Settings, batch: int) -> int:
     """Elements of the attention mask sdpa is given: padding-free rows hold several documents (a block-diagonal
-    T x T mask); padded rows a (rows x L x L) one. flash_attention_2 and flex take no dense mask."""
-    if s.attention not in ("sdpa", "eager") or (s.packing and not s.padding_free):  # wrapped rows: no padding
+    T x T mask); padded rows a (rows x L x L) one. flash_attention_2 and flex take no dense mask, nor does
+    sdpa_packed for padding-free rows (it finds the documents from position_ids)."""
+    if s.attention not in ("sdpa", "eager", "sdpa_packed") or (s.packing and not s.padding_free):
+        return 0  # wrapped rows: no padding
+    if s.attention == "sdpa_packed" and s.padding_free:
         return 0
     return (batch * s.max_length) ** 2 if s.padding_free else batch * s.max_length**2
 
@@ -338,6 +357,18 @@ def _head_bytes(shape: ModelShape, s: Settings, tokens: int, backward: bool) -> 
     # torch fallback: only the first `v` columns of each 32768-wide tile row are touched (pages of 4 KiB)
     touched = n * (math.ceil(v * tile_bytes / 4096) * 4096 if v < HEAD_VOCAB else v * tile_bytes)
     return touched + n * v * (HEAD_BWD_BYTES if backward else HEAD_FWD_BYTES) + grad_hidden
+
+
+def _labelled_head_bytes(shape: ModelShape, s: Settings, tokens: int) -> int:
+    """Working memory of sft.loss's head over at most `tokens` labelled positions (every position, the worst case):
+    one chunk of logits in the compute dtype plus its fp32 softmax (and, in bf16, its bf16 copy for the gradient
+    matmul), the gathered hidden states and their gradient (fp32), and the head weight cast to bf16 under autocast."""
+    from sft.loss import chunk_tokens
+
+    chunk = min(tokens, chunk_tokens(shape.vocab))
+    per_logit = 8 if s.compute == "bf16" else 4
+    weight_cast = shape.vocab * shape.hidden * 2 if s.compute == "bf16" and s.weight_bytes == 4 else 0
+    return chunk * shape.vocab * per_logit + 2 * tokens * shape.hidden * 4 + weight_cast
 
 
 def _weights_bytes(shape: ModelShape, s: Settings) -> tuple[int, str]:
@@ -422,7 +453,7 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
     else:
         activations = shape.layers * layer_all + scores
         act_note = f"{shape.layers} layers x {tokens:,} tok x {per_layer:,} B"
-    head = _head_bytes(shape, s, head_tokens, backward=True)
+    head = _labelled_head_bytes(shape, s, head_tokens) if s.labelled_head else _head_bytes(shape, s, head_tokens, True)
     # Backward through a layer holds a few [tokens x intermediate] gradients at once; the LM head's backward comes
     # first, with every activation still saved. The larger of the two sits on top of the activations.
     layer_grads = 3 * tokens * shape.intermediate * 4
@@ -441,7 +472,11 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
         "adamw_states": "exp_avg + exp_avg_sq, fp32",
         "activations": act_note,
         "attention_mask": f"{mask_elems:,} elements" if mask_elems else "none (no dense mask)",
-        "logits_and_loss": f"fused LM head over {head_tokens:,} tok x {shape.vocab:,} vocab",
+        "logits_and_loss": (
+            f"labelled-positions head (sft.loss), at most {head_tokens:,} tok x {shape.vocab:,} vocab in chunks"
+            if s.labelled_head
+            else f"TRL's fused LM head over {head_tokens:,} tok x {shape.vocab:,} vocab"
+        ),
     }
     if s.load_in_4bit:  # each linear is dequantized to the compute dtype while it runs
         largest = max(a * b for a, b in shape.linears().values())
@@ -510,7 +545,7 @@ def flops_per_step(shape: ModelShape, s: Settings) -> dict[str, float]:
     n_lora = lora_params(shape, s)
     doc = s.max_length  # documents are at most max_length tokens: causal attention is not discounted
     attention = 12 * shape.layers * shape.q_dim * doc
-    # TRL's head runs on every position on a CPU (torch fallback), on labelled positions only on a GPU; both
+    # The head scores labelled positions only (sft.loss; TRL's on a GPU), every position with TRL's head on a CPU:
     # counted for every token here (the worst case).
     head = 4 * shape.vocab * shape.hidden
     per_token = 4 * n_dec + 6 * n_lora + attention + head
@@ -522,8 +557,8 @@ def flops_per_step(shape: ModelShape, s: Settings) -> dict[str, float]:
         executed += 12 * shape.layers * shape.q_dim * (s.tokens - doc) * tokens
     if s.checkpointing:  # the forward runs again during backward
         executed += (2 * n_dec + 2 * n_lora + 4 * shape.layers * shape.q_dim * doc) * tokens
-    # the fused head recomputes each logits tile in backward
-    executed += 2 * shape.vocab * shape.hidden * tokens
+    if not s.labelled_head:  # TRL's fused head recomputes each logits tile in backward
+        executed += 2 * shape.vocab * shape.hidden * tokens
     return {"model": float(model), "executed": float(executed), "tokens": float(tokens)}
 
 
@@ -616,6 +651,7 @@ def choose_cpu_precision(shape: ModelShape, s: Settings) -> tuple[str, str]:
             s.lora_r,
             len(s.lora_roles),
             tokens,
+            s.attention,
         )
     )
     cache = _cache_file()
@@ -669,7 +705,9 @@ def _probe_layer(shape: ModelShape, s: Settings, tokens: int) -> dict[str, Any]:
         head_dim=shape.head_dim,
         max_position_embeddings=max(tokens, 64),
     )
-    config._attn_implementation = "sdpa"
+    import sft.attention  # noqa: F401  (registers sdpa_packed)
+
+    config._attn_implementation = "sdpa_packed" if s.attention == "sdpa_packed" else "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu")
@@ -680,7 +718,7 @@ def _probe_layer(shape: ModelShape, s: Settings, tokens: int) -> dict[str, Any]:
     model = get_peft_model(model, LoraConfig(r=s.lora_r, target_modules=roles, task_type="CAUSAL_LM"))
     x = torch.randn(1, tokens, shape.hidden) * 0.1
     position_ids = torch.arange(tokens)[None]
-    if s.padding_free:  # two documents in the row, as packed: sdpa then runs with the block-diagonal mask
+    if s.padding_free:  # two documents in the row, as packed: sdpa with a block-diagonal mask, sdpa_packed per document
         position_ids = torch.cat([torch.arange(tokens // 2), torch.arange(tokens - tokens // 2)])[None]
 
     def step(bf16: bool) -> float:
@@ -787,7 +825,7 @@ def make_plan(
         auto, _ = _decide(config, shape, device)
     compute = "bf16" if train_value(config, "bf16", auto) or train_value(config, "fp16", auto) else "fp32"
     checkpointing = bool(train_value(config, "activation_checkpointing", auto))
-    s = settings_for(config, device, compute, checkpointing)
+    s = settings_for(config, shape, device, compute, checkpointing)
     memory = predict_memory(shape, s)
     flops = flops_per_step(shape, s)
     peak = device.peak_flops.get(compute)
@@ -849,7 +887,7 @@ def _decide(config: RunConfig, shape: ModelShape, device: Device) -> tuple[dict[
             auto["bf16"] = False  # TRL allows bf16 on a CPU-only machine only with use_cpu
             auto["_precision_reason"] = "fp32: the config sets train.use_cpu=false, which TRL needs for bf16 on a CPU"
         elif config.model.dtype in ("auto", "float32") and device.key == "cpu":
-            probe_settings = settings_for(config, device, "fp32", False)
+            probe_settings = settings_for(config, shape, device, "fp32", False)
             choice, reason = choose_cpu_precision(shape, probe_settings)
             auto["bf16"] = choice == "bf16"
             if choice == "bf16":
@@ -859,8 +897,8 @@ def _decide(config: RunConfig, shape: ModelShape, device: Device) -> tuple[dict[
     if "activation_checkpointing" not in config.train and "gradient_checkpointing" not in config.train:
         compute = "bf16" if auto.get("bf16") or train_value(config, "bf16") else "fp32"
         budget = _budget(device)
-        without = predict_memory(shape, settings_for(config, device, compute, False)).peak
-        with_ckpt = predict_memory(shape, settings_for(config, device, compute, True)).peak
+        without = predict_memory(shape, settings_for(config, shape, device, compute, False)).peak
+        with_ckpt = predict_memory(shape, settings_for(config, shape, device, compute, True)).peak
         where = f"{_gib(budget)} {'available RAM' if device.kind == 'cpu' else 'usable on ' + device.name}"
         if without <= budget:
             auto["activation_checkpointing"] = False
@@ -1116,11 +1154,10 @@ def measure(
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTTrainer
 
     from sft.hardware import peak_memory
     from sft.model import apply_lora, load_model, load_tokenizer
-    from sft.train import build_sft_config
+    from sft.train import build_sft_config, trainer_class
 
     _build_stand_in(config)
     tokenizer = load_tokenizer(config.model)
@@ -1159,7 +1196,7 @@ def measure(
         _release_free_memory()
         with peak_memory() as peak:
             model = apply_lora(load_model(config.model, tokenizer), config.adapter)
-            trainer = SFTTrainer(
+            trainer = trainer_class()(
                 model=model,
                 args=sft_config,
                 train_dataset=dataset,

@@ -280,8 +280,10 @@ def make_callbacks(metrics_path: Path, signals: StopSignals):
     return [MetricsToJsonl(), StopOnSignal()]
 
 
-def _trainer_class():
+def trainer_class():
     from trl import SFTTrainer
+
+    from sft import loss
 
     class Trainer(SFTTrainer):
         """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, and which
@@ -328,6 +330,46 @@ def _trainer_class():
                 shutil.rmtree(final_root / STAGING, ignore_errors=True)
             self.accelerator.wait_for_everyone()
             self.last_saved_step = step
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.labelled_head = self._labelled_head_reason() is None
+            if self.labelled_head:
+                loss.install(self.model)
+
+        def _labelled_head_reason(self) -> str | None:
+            """Why sft.loss's labelled-positions head cannot replace TRL's for training, or None when it can."""
+            args = self.args
+            if args.loss_type != "nll" or self.compute_loss_func is not None or self.label_smoother is not None:
+                return "the loss is not plain cross-entropy"
+            if self.aux_loss_enabled or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                return "router aux loss, FSDP or DeepSpeed"
+            config = self.accelerator.parallelism_config
+            if config is not None and (getattr(config, "sp_enabled", False) or getattr(config, "cp_enabled", False)):
+                return "sequence or context parallelism"
+            return loss.usable(self.model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not self.model.training or not self.labelled_head or "shift_labels" in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(**inputs, labelled_loss=True, num_items_in_batch=num_items_in_batch)
+            result = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                result = result * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(outputs.label_mask.sum()).sum()
+            correct = gather(outputs.correct).sum()
+            metrics = self._metrics["train"]
+            metrics["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            if "attention_mask" in inputs:
+                tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            else:
+                tokens = (
+                    gather(torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)).sum().item()
+                )
+            self._total_train_tokens += tokens // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+            return result
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.order_log is not None and self.is_world_process_zero():
@@ -382,7 +424,7 @@ def train(
     run_dir = Path(run_dir)
     if not eval_rows:  # nothing held out: no evaluation during training (the Trainer would refuse to start)
         sft_config.eval_strategy = IntervalStrategy.NO
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=sft_config,
         train_dataset=_rows_to_dataset(train_rows),
