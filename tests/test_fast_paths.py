@@ -223,3 +223,24 @@ def test_a_saved_model_does_not_name_sdpa_packed(tmp_path):
     set_attention(model, "auto")
     model.save_pretrained(tmp_path)
     assert "sdpa_packed" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
+def test_after_bf16_training_the_model_computes_in_its_own_dtype(tiny, tmp_path):
+    """accelerate wraps the forward in bf16 autocast for training; evaluation and the export checks must see the
+    model as it is saved and reloaded (fp32 here), or a reloaded adapter looks different from the trained one."""
+    from sft.data import Example
+    from sft.export import logits_of, probe_inputs
+    from sft.tokenize import tokenize_examples
+    from sft.train import build_sft_config, train
+
+    path, tokenizer, rows = tiny
+    examples = [Example(kind="chat", where=f"row {i}", messages=r["messages"]) for i, r in enumerate(rows)]
+    tokenized = tokenize_examples(examples, tokenizer, 64).rows
+    model = apply_lora(load_model(ModelConfig(name_or_path=str(path), dtype="float32")), AdapterConfig(r=8))
+    options = {"max_steps": 2, "bf16": True, "use_cpu": True, "eval_strategy": "no", "save_strategy": "no"}
+    config = build_sft_config({**options, "report_to": []}, tmp_path / "out", 64)
+    train(model, tokenizer, tokenized, [], config, tmp_path)
+    ids = probe_inputs(len(tokenizer))
+    fresh = apply_lora(load_model(ModelConfig(name_or_path=str(path), dtype="float32")), AdapterConfig(r=8))
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(logits_of(model, ids), logits_of(fresh, ids), rtol=0, atol=1e-6)

@@ -62,12 +62,15 @@ def test_this_machines_own_accelerator_is_not_sharded():
 def test_unsharded_runs_evaluate_the_model_they_trained():
     """DDP / one process: the very same object comes back, and no second copy is built."""
     model = object()
+    barriers = []
     trainer = SimpleNamespace(accelerator=accelerator(DistributedType.MULTI_CPU))
+    trainer.accelerator.wait_for_everyone = lambda: barriers.append(1)  # every rank leaves training together
 
     def rebuild():
         raise AssertionError("rebuilt without sharding")
 
     assert whole_model(trainer, model, rebuild) is model
+    assert barriers == [1]
 
 
 # --- checking a gathered adapter ------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
                 write_text(run_dir / "config.yaml", to_yaml(config))
         if main:
             write_json(run_dir / "run.json", {"status": "training", "resumed_from": checkpoint and checkpoint.name})
-        from sft.distributed import whole_model
+        from sft.distributed import leave, whole_model
 
         def rebuild():  # the same model, unsharded: under FSDP / ZeRO-3 it takes the adapter gathered from the ranks
             return apply_lora(load_model(config.model, tokenizer), config.adapter, added)
@@ -158,6 +158,7 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
         rows = (train_tokens.rows, eval_tokens.rows)
         metrics = train(model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished)
         if not main:
+            leave()
             return run_dir
         model = trained[0]
 
