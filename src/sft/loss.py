@@ -20,6 +20,7 @@ otherwise, and for evaluation, TRL's own path runs unchanged.
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,7 @@ def install(model: torch.nn.Module) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = inner.forward
 
+    @functools.wraps(type(inner).forward)  # the signature stays the model's: `generate` checks its kwargs against it
     def forward(self, *args, labelled_loss: bool = False, labels=None, num_items_in_batch=None, **kwargs):
         if not labelled_loss:
             if labels is not None:

@@ -286,8 +286,9 @@ def trainer_class():
     from sft import loss
 
     class Trainer(SFTTrainer):
-        """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, and which
-        records the order of the batches it trains on (data_order.jsonl: identical runs see identical batches)."""
+        """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, which
+        records the order of the batches it trains on (data_order.jsonl: identical runs see identical batches), and
+        whose training loss is sft.loss's labelled-positions head wherever it applies (`labelled_head`)."""
 
         order_log: Path | None = None
 
