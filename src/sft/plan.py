@@ -49,19 +49,22 @@ HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
 # logits, scaled logits, log-probs, probs, gradient, target one-hot (fp32), its difference with the probs (7 fp32)
 # and the boolean target mask; the forward holds about five.
 HEAD_BWD_BYTES, HEAD_FWD_BYTES = 7 * 4 + 1, 5 * 4 + 1
-# What a CPU training process holds besides tensors, by compute dtype: measured as the whole peak of two steps of a
-# 1-layer d=64 model (tensors: 2 MiB) in a fresh process: model, peft, Trainer and dataloader objects and the packed
-# Arrow dataset (~10 MiB), the OpenMP/oneDNN thread pools, kernel caches and code pages touched on the first step;
-# the first bf16 autocast step also loads and JIT-compiles oneDNN's bf16 kernels (~18 MiB more).
-CPU_RUNTIME = {"fp32": 28 * MiB, "bf16": 46 * MiB}
+# What a CPU training process holds besides tensors, by compute dtype: measured as the peak of two steps of a
+# 1-layer d=64 model (tensors: 2 MiB) in a fresh process after the warm-up `measure` does (so torch's code pages are
+# already resident), less what the plan counts for it: model, peft, Trainer and dataloader objects, the packed Arrow
+# dataset, OpenMP/oneDNN thread pools and kernel caches; bf16 autocast JIT-compiles more oneDNN kernels.
+CPU_RUNTIME = {"fp32": 6 * MiB, "bf16": 15 * MiB}
 # glibc malloc serves blocks under its dynamic mmap threshold (which rises to at most 32 MiB as blocks are freed)
 # from its heap, and the heap never shrinks below its highest live block. Through the forward pass it grows layer by
 # layer: the temporaries each layer frees (base-layer and LoRA outputs before their sum, RoPE halves, casts) leave
 # holes between the tensors kept for backward (or the layer checkpoints) that later, differently sized requests do
 # not fill. Watched with mallinfo2 over training steps (fp32 and bf16, with and without checkpointing, d=128 and
 # d=512): the heap's free bytes at the step's peak are 0.6-1.15x what one forward pass allocates for its saved
-# activations and masks; 0.85x is used. (MALLOC_MMAP_THRESHOLD_=65536 would remove it, at the cost of page faults.)
-GLIBC_RETENTION = 0.85
+# activations and masks, more in fp32 than under bf16 autocast and less with checkpointing (a checkpointed layer
+# frees its temporaries before the next one allocates). The factors below are fitted to `sft plan --measure` on
+# configs/tiny.yaml and a d=512, 8-layer Llama at 1k-2k tokens (nine runs; README gives the errors, and those of runs
+# not used for the fit). (MALLOC_MMAP_THRESHOLD_=65536 would remove the retention, at the cost of page faults.)
+GLIBC_RETENTION = {("fp32", False): 1.15, ("fp32", True): 1.0, ("bf16", False): 0.64, ("bf16", True): 0.44}
 GLIBC_MMAP_MAX = 32 * MiB
 # A CUDA process: the context and cuBLAS/cuDNN workspaces sit outside PyTorch's allocator.
 CUDA_CONTEXT = 600 * MiB
@@ -488,9 +491,10 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
         heap_narrow = narrow if tokens * shape.hidden * 4 <= GLIBC_MMAP_MAX else 0
         heap_mask = mask_elems * act_bytes if mask_elems * act_bytes <= GLIBC_MMAP_MAX else 0
         in_heap = shape.layers * (tokens * (heap_wide + heap_narrow) + heap_mask)
-        train["allocator_retention"] = int(GLIBC_RETENTION * in_heap)
+        retention = GLIBC_RETENTION[(s.compute, s.checkpointing)]
+        train["allocator_retention"] = int(retention * in_heap)
         train["runtime"] = CPU_RUNTIME[s.compute]
-        notes["allocator_retention"] = f"glibc heap keeps freed forward temporaries (~{GLIBC_RETENTION}x)"
+        notes["allocator_retention"] = f"glibc heap keeps freed forward temporaries (~{retention}x)"
         notes["runtime"] = "objects, thread pools, kernels loaded on first use (measured)"
 
     eval_tokens = s.eval_batch * s.max_length
@@ -1193,10 +1197,12 @@ def measure(
 
     with tempfile.TemporaryDirectory() as tmp:
         sft_config = build_sft_config(train, tmp, s.max_length)
+        trainer_cls = trainer_class()  # imports trl's trainer modules: before the window, as `sft train` does
+        _warm_up(config, tokenizer, trainer_cls, train, s.max_length)
         _release_free_memory()
         with peak_memory() as peak:
             model = apply_lora(load_model(config.model, tokenizer), config.adapter)
-            trainer = trainer_class()(
+            trainer = trainer_cls(
                 model=model,
                 args=sft_config,
                 train_dataset=dataset,
@@ -1205,6 +1211,41 @@ def measure(
             )
             trainer.train()
     return {"peak_bytes": peak.bytes, "kind": peak.kind, "steps": steps, "step_seconds": times}
+
+
+def _warm_up(config: RunConfig, tokenizer, trainer_cls, train: dict[str, Any], max_length: int) -> None:
+    """One training step of a 1-layer, d=64 copy of the model through the same code (precision, attention, LoRA,
+    trainer), before the measured window. The first step touches code pages of torch's libraries (tens of MiB, and
+    more or fewer depending on how the kernel maps the code of a given install: 20 MiB apart between two installs of
+    the same packages); once resident they are not counted as the run's memory. Best effort: a model whose config
+    cannot be shrunk this way is measured without it."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from sft.model import apply_lora, load_model_config, resolve_dtype, set_attention
+    from sft.train import build_sft_config
+
+    try:
+        small = load_model_config(config.model)
+        text = small.get_text_config() if hasattr(small, "get_text_config") else small
+        heads = 2 if (getattr(text, "num_key_value_heads", None) or 2) >= 2 else 1
+        text.update({"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32})
+        text.update({"num_attention_heads": 2, "num_key_value_heads": heads})
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:1]
+        model = AutoModelForCausalLM.from_config(small, dtype=resolve_dtype(config.model.dtype))
+        set_attention(model, config.model.attn_implementation)
+        model = apply_lora(model, config.adapter)
+        length = min(max_length, 32)
+        row = [i % len(tokenizer) for i in range(length)]
+        dataset = Dataset.from_dict({"input_ids": [row, row], "labels": [row, row]})
+        with tempfile.TemporaryDirectory() as tmp:
+            args = build_sft_config({**train, "max_steps": 1}, tmp, length)
+            trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
 
 
 def _release_free_memory() -> None:
