@@ -319,6 +319,39 @@ def snapshot() -> tuple[float, float, float]:
     return (time.perf_counter(), *cpu_seconds())
 
 
+def step_clock():
+    """A TrainerCallback that records, at the end of each optimizer step (after a CUDA sync on a GPU), `ends` (wall
+    time) and `cpu` ((wall, machine CPU s, own CPU s) snapshots, for `others_cores`)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.cpu: list[tuple[float, float, float]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.cpu.append(snapshot())
+            self.ends.append(self.cpu[-1][0])
+
+    return StepClock()
+
+
+def count_batches(trainer) -> list[dict[str, float]]:
+    """The `batch_tokens` of every micro-batch the trainer trains on (what its collator produced), filled in as it
+    trains."""
+    batches: list[dict[str, float]] = []
+    step = trainer.training_step
+
+    def counted(model, inputs, *args, **kwargs):
+        batches.append(batch_tokens(inputs))
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counted
+    return batches
+
+
 def cpu_idle(seconds: float = 2.0) -> float:
     """Fraction of all CPUs idle over the next `seconds` (from /proc/stat; 1.0 where it cannot be read)."""
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import batch_tokens, build_tokenizer, chat_data, length_stats, log  # noqa: E402
+from common import build_tokenizer, chat_data, count_batches, length_stats, log, step_clock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
 # The real configs' shapes (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B); rope scaling does not change cost.
@@ -103,7 +103,6 @@ def build(shape: str, folder: Path | None = None):
 def run_case(job: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -117,16 +116,7 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
     dataset = Dataset.from_dict({k: [r[k] for r in data.train] for k in ("input_ids", "labels")})
     tokenizer = build_tokenizer(vocab)  # SFTTrainer needs its pad token; nothing is tokenized
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
-    clock, batches = Clock(), []
+    clock = step_clock()
     run = {"num_train_epochs": 1, "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "seed": 0}
     with tempfile.TemporaryDirectory() as out:
         if cuda:
@@ -152,13 +142,7 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
             args = build_sft_config(train, out, job["max_length"])
             trainer = trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.add_callback(clock)
-        step = trainer.training_step
-
-        def counted(model, inputs, *a, **k):
-            batches.append(batch_tokens(inputs))
-            return step(model, inputs, *a, **k)
-
-        trainer.training_step = counted
+        batches = count_batches(trainer)
         started = time.perf_counter()
         trainer.train()
     warm = min(job["steps_warmup"], len(clock.ends) - 1)

@@ -31,9 +31,9 @@ from typing import Any
 from common import (
     SIZES,
     ModelSpec,
-    batch_tokens,
     build_model,
     build_tokenizer,
+    count_batches,
     log,
     machine,
     median,
@@ -41,6 +41,7 @@ from common import (
     param_counts,
     pipeline_choices,
     snapshot,
+    step_clock,
     wait_for_quiet,
 )
 
@@ -52,7 +53,7 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 def run_point(job: dict[str, Any]) -> dict[str, Any]:
     """One (model, length, checkpointing) point in this process: a few steps, the later ones timed."""
     from datasets import Dataset
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     from sft.config import AdapterConfig
     from sft.hardware import peak_memory
@@ -70,16 +71,7 @@ def run_point(job: dict[str, Any]) -> dict[str, Any]:
         {"input_ids": rows, "labels": [[-100] * (length // 2) + r[length // 2 :] for r in rows]}
     )
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.cpu: list[tuple[float, float, float]] = []  # (wall, machine CPU s, own CPU s) at each step end
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.cpu.append(snapshot())
-            self.ends.append(self.cpu[-1][0])
-
-    clock, batches = Clock(), []
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as out, peak_memory() as peak:
         model = build_model(spec, seed=0, dtype=resolve_dtype("auto"))
         train = {
@@ -106,13 +98,7 @@ def run_point(job: dict[str, Any]) -> dict[str, Any]:
             processing_class=build_tokenizer(spec.vocab),
             callbacks=[clock],
         )
-        step = trainer.training_step
-
-        def counted(model, inputs, *args, **kwargs):
-            batches.append(batch_tokens(inputs))
-            return step(model, inputs, *args, **kwargs)
-
-        trainer.training_step = counted
+        batches = count_batches(trainer)
         started, *start_cpu = snapshot()
         trainer.train()
     times = [b - a for a, b in zip([started, *clock.ends], clock.ends)][job["warmup_steps"] :]

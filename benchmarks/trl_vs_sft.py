@@ -30,10 +30,10 @@ from common import (
     SIZES,
     Data,
     ModelSpec,
-    batch_tokens,
     build_model,
     build_tokenizer,
     chat_data,
+    count_batches,
     evaluate_loss,
     head_scores_labels_only,
     length_stats,
@@ -45,6 +45,7 @@ from common import (
     param_counts,
     pipeline_choices,
     snapshot,
+    step_clock,
     wait_for_quiet,
 )
 
@@ -156,7 +157,7 @@ def model_dtype(variant: str, overrides: dict[str, Any]) -> torch.dtype:
 def run_variant(job: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from sft.config import AdapterConfig
@@ -170,16 +171,7 @@ def run_variant(job: dict[str, Any]) -> dict[str, Any]:
     tokenizer = build_tokenizer(spec.vocab)
     dataset = Dataset.from_dict({key: [row[key] for row in data.train] for key in ("input_ids", "labels")})
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.cpu: list[tuple[float, float, float]] = []  # (wall, machine CPU s, own CPU s) at each step end
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.cpu.append(snapshot())
-            self.ends.append(self.cpu[-1][0])
-
-    clock, batches = Clock(), []
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as out, peak_memory() as peak:
         model = build_model(spec, seed=settings["seed"], dtype=model_dtype(variant, overrides))
         started = time.perf_counter()
@@ -207,13 +199,7 @@ def run_variant(job: dict[str, Any]) -> dict[str, Any]:
             peft_config=peft_config,
             callbacks=[clock],
         )
-        step = trainer.training_step
-
-        def counted(model, inputs, *args, **kwargs):  # what the collator produced, batch by batch
-            batches.append(batch_tokens(inputs))
-            return step(model, inputs, *args, **kwargs)
-
-        trainer.training_step = counted
+        batches = count_batches(trainer)
         train_started, *start_cpu = snapshot()
         trainer.train()
     loss = evaluate_loss(trainer.model, data.eval)

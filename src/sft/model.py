@@ -234,15 +234,14 @@ def build_quantization_config(config: ModelConfig):
 def set_attention(model: PreTrainedModel, requested: str, where: str = "") -> str:
     """`auto` and `sdpa_packed` load as sdpa, then switch to sdpa_packed where every layer is plain causal attention
     (see sft.attention). Returns the implementation the model now uses."""
-    if requested in ("auto", attention.NAME):
-        if attention.supports_packed(model.config):
-            model.set_attn_implementation(attention.NAME)
-        elif requested == attention.NAME:
-            raise SftError(
-                f"model.attn_implementation={attention.NAME!r}: {where or 'the model'} has layers that are not plain "
-                "causal attention (a sliding window, chunked attention or logit soft-capping), which per-document "
-                "sdpa would not reproduce; expected auto or sdpa for this model"
-            )
+    if requested == attention.NAME and not attention.supports_packed(model.config):
+        raise SftError(
+            f"model.attn_implementation={attention.NAME!r}: {where or 'the model'} has layers that are not plain "
+            "causal attention (a sliding window, chunked attention or logit soft-capping), which per-document "
+            "sdpa would not reproduce; expected auto or sdpa for this model"
+        )
+    if attention.resolve(requested, model.config) == attention.NAME:
+        model.set_attn_implementation(attention.NAME)
     return model.config._attn_implementation
 
 
