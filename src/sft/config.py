@@ -7,7 +7,6 @@ for a misspelt key, the closest valid one. The `train` section is not re-declare
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from sft.errors import SftError
+from sft.errors import SftError, did_you_mean  # noqa: F401  (did_you_mean: its old home, still imported from here)
 
 
 class _Section(BaseModel):
@@ -381,11 +380,6 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise SftError(f"{source}: {len(problems)} problem(s) in the config:\n{listing}")
     assert config is not None
     return config
-
-
-def did_you_mean(word: str, options: list[str] | set[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft.config import DataConfig, RowTemplate, SourceConfig, did_you_mean
-from sft.errors import SftError
+from sft.config import DataConfig, RowTemplate, SourceConfig
+from sft.errors import SftError, did_you_mean
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")

@@ -13,12 +13,12 @@ copy is read from disk again. Like DDP, evaluation and export then need the whol
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from sft.console import log
 from sft.errors import SftError
 
 FSDP1 = "FSDP"
@@ -43,7 +43,7 @@ def sharding(accelerator) -> str | None:
     return None
 
 
-def whole_model(trainer, model, rebuild: Callable[[], Any], log: Callable[[str], None] = print):
+def whole_model(trainer, model, rebuild: Callable[[], Any]):
     """Called on every rank once training ends: the model to evaluate and export.
 
     Weights not sharded: `model` itself, as trained. Sharded (FSDP, ZeRO-3): every rank joins the gather; the main
@@ -175,8 +175,7 @@ def load_gathered(model, gathered: dict[str, torch.Tensor], held: dict[str, floa
     assert not result.unexpected_keys, result.unexpected_keys  # every gathered name was checked to be known
     lora_b = [t for name, t in gathered.items() if "lora_B" in name]
     if lora_b and all(not t.any() for t in lora_b):
-        print(
-            "[sft] warning: every LoRA B matrix is zero after training: the adapter changes nothing "
-            "(learning rate 0 at every step?)",
-            file=sys.stderr,
+        log(
+            "warning: every LoRA B matrix is zero after training: the adapter changes nothing "
+            "(learning rate 0 at every step?)"
         )

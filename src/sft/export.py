@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from sft.config import ModelConfig, RunConfig
+from sft.console import log
 from sft.errors import SftError
 from sft.evaluate import generate
 from sft.model import load_model, resolve_dtype
@@ -64,7 +65,7 @@ def export(
     expected_text = generate(model, tokenizer, list(prompts), 16, 1, stop) if prompts else []
     result: dict = {"adapter": str(run_dir / "adapter"), "vllm_warnings": vllm_warnings(model, config)}
     for warning in result["vllm_warnings"]:
-        print(f"[sft] warning: vLLM: {warning}", file=sys.stderr)
+        log(f"warning: vLLM: {warning}")
     base = base_reference(config.model)
 
     with atomic_dir(run_dir / "adapter") as adapter:
@@ -88,7 +89,7 @@ def export(
             with atomic_dir(run_dir / "merged") as merged_dir:
                 if config.model.load_in_4bit:
                     result["merged_warning"] = MERGE_4BIT_WARNING
-                    print(f"[sft] warning: {MERGE_4BIT_WARNING}", file=sys.stderr)
+                    log(f"warning: {MERGE_4BIT_WARNING}")
                 merged = PeftModel.from_pretrained(load_model(_for_merging(config.model), tokenizer), adapter)
                 merged = merged.merge_and_unload()
                 merged.save_pretrained(merged_dir, safe_serialization=True, max_shard_size=config.export.max_shard_size)
@@ -140,7 +141,7 @@ def _same_text(expected: list[str], got: list[str], what: str, strict: bool) -> 
         message = f"greedy generations of the {what} reloaded differ from the trained model's: {got!r} vs {expected!r}"
         if strict:
             raise SftError(f"export check failed: {message}; nothing was published")
-        print(f"[sft] warning: {message}", file=sys.stderr)
+        log(f"warning: {message}")
     return same
 
 
@@ -181,7 +182,7 @@ def _compare(expected: torch.Tensor, got: torch.Tensor, tolerance: float, what: 
     )
     if strict:
         raise SftError(f"export check failed: {message}; nothing was published")
-    print(f"[sft] warning: {message}; expected in reduced precision, recorded in the model card", file=sys.stderr)
+    log(f"warning: {message}; expected in reduced precision, recorded in the model card")
     return diff
 
 

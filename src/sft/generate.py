@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from sft.config import ModelConfig
+from sft.console import log
 from sft.errors import SftError
 from sft.evaluate import decoding_config, generate
 from sft.model import load_model, load_tokenizer, read_adapter_base
@@ -75,10 +76,7 @@ def chat_loop(path: Path, system: str | None, max_new_tokens: int) -> None:
 
     model, tokenizer, stop = load_for_inference(path)
     limit = getattr(model.config, "max_position_embeddings", None)
-    print(
-        f"[sft] chat with {resolve_export(path)}: /reset clears the conversation, /exit or Ctrl-D quits",
-        file=sys.stderr,
-    )
+    log(f"chat with {resolve_export(path)}: /reset clears the conversation, /exit or Ctrl-D quits")
     prompt = "you> " if sys.stdin.isatty() else ""
     messages = _fresh(system)
     while True:
@@ -94,7 +92,7 @@ def chat_loop(path: Path, system: str | None, max_new_tokens: int) -> None:
             return
         if line == "/reset":
             messages = _fresh(system)
-            print("[sft] conversation cleared", file=sys.stderr)
+            log("conversation cleared")
             continue
         messages.append({"role": "user", "content": line})
         ids = _fit(tokenizer, messages, system, limit, max_new_tokens)
@@ -102,7 +100,8 @@ def chat_loop(path: Path, system: str | None, max_new_tokens: int) -> None:
             reply = _stream(model, tokenizer, stop, ids, max_new_tokens)
         except KeyboardInterrupt:
             messages.pop()
-            print("\n[sft] answer stopped; that turn is not kept", file=sys.stderr)
+            print(file=sys.stderr)  # end the half-streamed answer's line
+            log("answer stopped; that turn is not kept")
             continue
         messages.append({"role": "assistant", "content": reply})
 
@@ -126,7 +125,7 @@ def _fit(tokenizer, messages: list[dict], system: str | None, limit: int | None,
         dropped = True
         ids = _prompt_ids(tokenizer, messages)
     if dropped:
-        print(f"[sft] oldest turns dropped to fit the model's {limit}-token context", file=sys.stderr)
+        log(f"oldest turns dropped to fit the model's {limit}-token context")
     return ids
 
 

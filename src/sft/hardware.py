@@ -61,16 +61,17 @@ def peak_memory() -> Iterator[Peak]:
         torch.cuda.synchronize()
         result.bytes, result.kind = torch.cuda.max_memory_allocated() - base, "cuda allocated"
         return
-    base = _status("VmRSS")
+    base = proc_bytes("/proc/self/status", "VmRSS")
     _reset_high_water_mark()
     yield result
-    result.bytes, result.kind = max(0, _status("VmHWM") - base), "cpu resident"
+    result.bytes, result.kind = max(0, proc_bytes("/proc/self/status", "VmHWM") - base), "cpu resident"
 
 
-def _status(field: str) -> int:
-    """A field of /proc/self/status, in bytes (0 where /proc is missing, e.g. macOS)."""
+def proc_bytes(file: str, field: str) -> int:
+    """A `Field: N kB` line of a /proc file (/proc/self/status, /proc/meminfo), in bytes; 0 where /proc is missing
+    (e.g. macOS)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open(file, encoding="ascii") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

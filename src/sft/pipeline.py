@@ -7,9 +7,7 @@ Under `accelerate launch` every rank trains; only the main process writes the ru
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -18,6 +16,7 @@ from transformers import set_seed
 
 from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
+from sft.console import log
 from sft.data import Dataset, load_dataset
 from sft.errors import SftError
 from sft.evaluate import evaluate, run_benchmarks, write_report
@@ -38,7 +37,7 @@ from sft.runs import (
     check_runs_dir,
     create_run_dir,
     environment,
-    redact_text,
+    read_json,
     run_lock,
     write_json,
     write_text,
@@ -53,12 +52,6 @@ from sft.train import (
     train,
     truncate_log,
 )
-
-
-def log(message: str) -> None:
-    """Progress to stderr, prefixed with the rank under a multi-process launch (torchrun/accelerate set RANK)."""
-    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(redact_text(f"[sft] {rank}{message}"), file=sys.stderr, flush=True)
 
 
 def corpus(dataset: Dataset) -> list[str]:
@@ -153,7 +146,7 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
         trained = []  # the model to evaluate and export (the one trained, or its unsharded copy on the main process)
 
         def finished(trainer) -> None:  # on every rank once training ends: every rank joins any gather
-            trained.append(whole_model(trainer, model, rebuild, log))
+            trained.append(whole_model(trainer, model, rebuild))
 
         rows = (train_tokens.rows, eval_tokens.rows)
         metrics = train(model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished)
@@ -193,7 +186,7 @@ def planned(config: RunConfig, resumed: tuple[Path, Path] | None) -> dict:
     before any weight is loaded), with the reasons logged; a warning when the run will not fit. A resumed run keeps
     the values it started with, so that it continues with the same arithmetic."""
     if resumed is not None:
-        started = _read_json(resumed[0] / "train_args.json")
+        started = read_json(resumed[0] / "train_args.json")
         return {k: started[k] for k in PLANNED if k in started and k not in config.train}
     from sft.plan import auto_settings, read_model_config
 
@@ -225,7 +218,7 @@ def resumable_run(config: RunConfig, resume: bool | Path, fingerprint: str, forc
     run_dir = Path(resume) if isinstance(resume, Path) else _newest_run(config)
     if not (run_dir / "config.yaml").is_file():
         raise SftError(f"{run_dir}: not a run folder written by `sft train` (no config.yaml)")
-    status = _read_json(run_dir / "run.json").get("status")
+    status = read_json(run_dir / "run.json").get("status")
     if status == "complete":
         raise SftError(f"{run_dir}: nothing to resume, this run is complete (start a new one without --resume)")
     found = checkpoints(run_dir / "checkpoints")
@@ -240,7 +233,7 @@ def resumable_run(config: RunConfig, resume: bool | Path, fingerprint: str, forc
             saved.splitlines(keepends=True), to_yaml(config).splitlines(keepends=True), "run's config", "this config"
         )
     )
-    old_fingerprint = _read_json(run_dir / "data.json").get("fingerprint")
+    old_fingerprint = read_json(run_dir / "data.json").get("fingerprint")
     changes = []
     if diff:
         changes.append(f"the config changed:\n{diff.rstrip()}")
@@ -264,13 +257,6 @@ def _newest_run(config: RunConfig) -> Path:
     if not runs:
         raise SftError(f"nothing to resume: no run of {name!r} under {root}/ (start one without --resume)")
     return max(runs, key=lambda p: int(p.name[len(name) + 1 :] or 1) if p.name != name else 1)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _from_main_process(value: str, world_size: int) -> str:

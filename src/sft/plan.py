@@ -37,6 +37,7 @@ from typing import Any
 
 from sft.config import RunConfig
 from sft.errors import SftError
+from sft.hardware import proc_bytes
 
 GiB, MiB = 2**30, 2**20
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -571,7 +572,7 @@ def flops_per_step(shape: ModelShape, s: Settings) -> dict[str, float]:
 
 def available_ram() -> int:
     """RAM this process could still use: MemAvailable, bounded by a cgroup limit when there is one."""
-    available = _meminfo("MemAvailable") or _meminfo("MemFree")
+    available = proc_bytes("/proc/meminfo", "MemAvailable") or proc_bytes("/proc/meminfo", "MemFree")
     for limit_file, usage_file in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
@@ -584,16 +585,6 @@ def available_ram() -> int:
         if limit_text.isdigit() and int(limit_text) < 2**60:
             available = min(available, int(limit_text) - usage)
     return max(0, available)
-
-
-def _meminfo(field_name: str) -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def cpu_name() -> str:

@@ -60,6 +60,14 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A run-folder JSON file, or {} when it is missing or unreadable (a run killed before writing it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def git_sha() -> str | None:
     """The commit of the sft code that ran (its checkout, wherever the run was started from), "-dirty" if edited."""
     here = ["git", "-C", str(Path(__file__).resolve().parent)]

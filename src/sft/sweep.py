@@ -30,8 +30,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sft.config import apply_overrides, did_you_mean, read_yaml, validate_config
-from sft.errors import SftError
+from sft.config import apply_overrides, read_yaml, validate_config
+from sft.console import log
+from sft.errors import SftError, did_you_mean
+from sft.runs import read_json, write_json, write_text
 
 EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1", "rouge_l")
 SPACE_FORMS = "expected a list of values, {low, high, log} or {choices: [...]}"
@@ -129,7 +131,7 @@ class SweepFile(_Strict):
 
 
 def say(message: str) -> None:
-    print(f"[sweep] {message}", file=sys.stderr, flush=True)
+    log(message, prefix="sweep")
 
 
 def load_sweep(path: Path, overrides: list[str]) -> SweepFile:
@@ -295,7 +297,7 @@ class Runner:
     def finished(self, name: str) -> Path | None:
         hashed = name.split("-", 2)[2]
         for run in sorted(self.trials_dir.glob(f"trial-*-{hashed}*")):
-            if run.is_dir() and _status(run) == "complete":
+            if run.is_dir() and read_json(run / "run.json").get("status") == "complete":
                 return run
         return None
 
@@ -342,8 +344,6 @@ class Runner:
             row["error"] = f"exit code {returncode}: " + "\n".join(tail)
             say(f"trial {n}/{self.total} {label} -> FAILED ({seconds:.0f} s), log: {log_path}\n    " + tail[-1:][0])
         else:
-            from sft.runs import write_json
-
             write_json(run_dir / TRIAL_RECORD, row)
             metric = self.sweep.objective.metric.split(".", 1)[1]
             say(f"trial {n}/{self.total} {label} -> {metric} {row['objective']:.4g} ({seconds:.0f} s)")
@@ -517,7 +517,7 @@ def write_results(sweep: SweepFile, out: Path, rows: list[dict[str, Any]], path:
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    _atomic_write(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.csv", buffer.getvalue())
 
     shown = {"rank": "rank", "trial": "trial", "status": "status", **{k: k for k in keys}, metric: metric}
     shown |= {"tokens_per_s": "tokens/s", "peak_rss_mb": "peak RSS (MB)", "seconds": "time (s)"}
@@ -531,7 +531,7 @@ def write_results(sweep: SweepFile, out: Path, rows: list[dict[str, Any]], path:
     failed = [r for r in ranked if r["status"] != "complete"]
     for r in failed:
         lines += ["", f"trial {r['trial']} failed ({_label(r['params'])}):", "```", r.get("error", ""), "```"]
-    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines[2 : 4 + len(rows)]))
 
     done = [r for r in ranked if r["status"] == "complete"]
@@ -554,7 +554,7 @@ def _write_best(out: Path, best: dict[str, Any], sweep: SweepFile, path: Path, b
         + (note if sweep.budget.seconds else "")
         + yaml.safe_dump(raw, sort_keys=False)
     )
-    _atomic_write(out / "best_config.yaml", text)
+    write_text(out / "best_config.yaml", text)
 
 
 def _plot(target: Path, key: str, spec: Any, rows: list[dict[str, Any]], metric: str) -> None:
@@ -596,19 +596,6 @@ def _plot(target: Path, key: str, spec: Any, rows: list[dict[str, Any]], metric:
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     os.replace(tmp, target)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _status(run: Path) -> str | None:
-    try:
-        return json.loads((run / "run.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 def _short(value: Any) -> str:

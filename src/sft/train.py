@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import warnings
@@ -24,7 +23,8 @@ from typing import Any
 
 import torch
 
-from sft.errors import SftError
+from sft.console import log
+from sft.errors import SftError, did_you_mean
 from sft.runs import check_free_space, is_complete, publish, write_text
 
 # Options this pipeline owns: setting them in `train` would fight the pipeline, so they point elsewhere.
@@ -96,8 +96,6 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 def check_train_section(train: dict[str, Any]) -> list[str]:
     """Every problem with a `train` section: unknown or reserved keys, wrong types (checked against SFTConfig's own
     annotations), values that would only fail mid-run, then whatever building the SFTConfig rejects."""
-    from sft.config import did_you_mean
-
     valid = sft_fields()
     problems = []
     for key in train:
@@ -237,7 +235,7 @@ class StopSignals:
             self.requested = signum
             raise Interrupted(f"stopped by {name}", signum)
         self.requested = signum
-        print(f"[sft] {name}: finishing this step, saving a checkpoint, then stopping", file=sys.stderr, flush=True)
+        log(f"{name}: finishing this step, saving a checkpoint, then stopping")
 
     def stop_now(self, device) -> bool:
         """Whether any rank was asked to stop (a tiny all-reduce under several processes, so all agree)."""
