@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.config import RunConfig
+from sft.config.trl_args import defaults, trl_default
 from sft.errors import SftError
 from sft.hardware import proc_bytes
 
@@ -241,24 +242,15 @@ class Settings:
         )
 
 
-def _trl_default(name: str) -> Any:
-    from trl import SFTConfig
-
-    found = {f.name: f for f in dataclasses.fields(SFTConfig)}[name]
-    return found.default if found.default is not dataclasses.MISSING else found.default_factory()
-
-
 def train_value(config: RunConfig, name: str, auto: dict[str, Any] | None = None) -> Any:
     """A train option as the run will see it: the config's train section, else auto settings, else this
     pipeline's defaults, else TRL's."""
-    from sft.train import defaults
-
     if name == "activation_checkpointing" and "gradient_checkpointing" in config.train:
         return config.train["gradient_checkpointing"]
     for source in (config.train, auto or {}, defaults()):
         if name in source:
             return source[name]
-    return _trl_default(name)
+    return trl_default(name)
 
 
 def lora_roles(target_modules: str | list[str]) -> tuple[str, ...]:
