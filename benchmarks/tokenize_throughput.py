@@ -22,9 +22,9 @@ import tokenizers
 import transformers
 from transformers import AutoTokenizer
 
-from sft.cache import cache_key, tokenize_cached
 from sft.config import SourceConfig
 from sft.data import read_source
+from sft.data.cache import cache_key, tokenize_cached
 
 SHARED = Path(os.environ.get("SFT_SHARED_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 

@@ -539,9 +539,8 @@ def build_inputs(folder: Path) -> SimpleNamespace:
     from peft import get_peft_model
 
     from sft.config import validate_config
-    from sft.data import load_dataset
+    from sft.data import corpus, load_dataset
     from sft.model import build_lora_config, ensure_tiny_model, load_model, load_tokenizer
-    from sft.pipeline import corpus
 
     config = validate_config(tiny_config(folder))
     assert ensure_tiny_model(config.model, corpus(load_dataset(config.data)))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sft.cache import tokenize_cached
 from sft.config import TinyModelSpec
 from sft.data import Example
-from sft.demo import build_tiny_model, make_reverse_rows
+from sft.data.cache import tokenize_cached
+from sft.data.demo import make_reverse_rows
+from sft.demo import build_tiny_model
 from sft.model import ModelConfig, load_tokenizer
 
 

@@ -20,10 +20,9 @@ import pytest
 
 from sft import generate as gen
 from sft.config import validate_config
-from sft.data import load_dataset
+from sft.data import corpus, load_dataset
 from sft.export import export
 from sft.model import apply_lora, ensure_tiny_model, load_model, load_tokenizer
-from sft.pipeline import corpus
 from tests.test_pipeline import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

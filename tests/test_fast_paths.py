@@ -72,7 +72,8 @@ def test_no_labelled_position_gives_a_differentiable_zero():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from sft.demo import build_tiny_model, make_reverse_rows
+    from sft.data.demo import make_reverse_rows
+    from sft.demo import build_tiny_model
     from sft.model import load_tokenizer
 
     path = tmp_path_factory.mktemp("fast") / "tiny"

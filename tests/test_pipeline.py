@@ -13,11 +13,10 @@ import torch
 import yaml
 
 from sft.config import validate_config
-from sft.data import load_dataset
+from sft.data import corpus, load_dataset
 from sft.errors import SftError
 from sft.export import export, logits_of, probe_inputs
 from sft.model import apply_lora, check_vocab, ensure_tiny_model, load_model, load_model_config, load_tokenizer
-from sft.pipeline import corpus
 from sft.tokenize import IGNORE, tokenize_examples
 from sft.train import build_sft_config, train
 

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from sft.config import EvalConfig
 from sft.data import Example
-from sft.tokenize import IGNORE, prompt_ids, reference_answer
+from sft.data.tokenize import IGNORE, prompt_ids, reference_answer
 
 LOSS_TOKENS_PER_BATCH = 8192  # logits are batch x length x vocab floats: bound the batch by tokens, not rows
 

@@ -12,10 +12,10 @@ from safetensors import SafetensorError
 
 from sft.config import ModelConfig
 from sft.console import log
+from sft.data.tokenize import render
 from sft.errors import SftError
 from sft.evaluate import decoding_config, generate
 from sft.model import load_model, load_tokenizer, read_adapter_base
-from sft.tokenize import render
 
 
 def resolve_export(path: Path) -> Path:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sft.config import RunConfig
-from sft.data import Example, load_dataset
+from sft.data import Example, corpus, load_dataset
+from sft.data.tokenize import IGNORE, TokenStats, tokenize_examples
 from sft.model import check_vocab, ensure_tiny_model, load_model_config, load_tokenizer
-from sft.pipeline import corpus
-from sft.tokenize import IGNORE, TokenStats, tokenize_examples
 
 GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 OPEN, CLOSE = "[[", "]]"

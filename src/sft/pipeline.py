@@ -14,10 +14,11 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from sft.cache import tokenize_cached
 from sft.config import RunConfig, to_yaml
 from sft.console import log
-from sft.data import Dataset, load_dataset
+from sft.data import Dataset, corpus, load_dataset
+from sft.data.cache import tokenize_cached
+from sft.data.tokenize import prompt_ids
 from sft.errors import SftError
 from sft.evaluate import evaluate, run_benchmarks, write_report
 from sft.export import export
@@ -42,7 +43,6 @@ from sft.runs import (
     write_json,
     write_text,
 )
-from sft.tokenize import prompt_ids
 from sft.train import (
     Interrupted,
     StopSignals,
@@ -52,14 +52,6 @@ from sft.train import (
     train,
     truncate_log,
 )
-
-
-def corpus(dataset: Dataset) -> list[str]:
-    """Every text of the training data: what the stand-in model's tokenizer is learnt from."""
-    texts = []
-    for example in dataset.train:
-        texts += [m["content"] for m in example.messages] + [example.prompt, example.completion, example.text]
-    return [t for t in texts if t]
 
 
 def train_run(config: RunConfig, resume: bool | Path = False, force: bool = False) -> Path:

@@ -1246,9 +1246,8 @@ def _release_free_memory() -> None:
 
 
 def _build_stand_in(config: RunConfig) -> None:
-    from sft.data import load_dataset
+    from sft.data import corpus, load_dataset
     from sft.model import ensure_tiny_model
-    from sft.pipeline import corpus
 
     if config.model.tiny is not None and not Path(config.model.name_or_path).exists():
         ensure_tiny_model(config.model, corpus(load_dataset(config.data)))

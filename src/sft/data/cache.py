@@ -27,10 +27,9 @@ from safetensors.numpy import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 import sft
-import sft.data
-import sft.tokenize
-from sft.data import Example
-from sft.tokenize import Tokenized, TokenStats, tokenize_examples
+from sft.data import formats, load, sources, tokenize
+from sft.data.formats import Example
+from sft.data.tokenize import Tokenized, TokenStats, tokenize_examples
 
 FORMAT = 1  # bump when the layout below changes
 
@@ -79,7 +78,7 @@ def cache_key(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_l
     # The versions of the libraries loaded in this process (importlib.metadata reads each from disk: ~1 ms for three)
     for lib in (transformers, tokenizers, sft):
         digest.update(f"{lib.__name__}={lib.__version__}".encode())
-    for module in (sft.tokenize, sft.data):  # the code that decides the tokens and the labels
+    for module in (tokenize, formats, sources, load):  # the code that decides the tokens and the labels
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:24]
 

@@ -1,8 +1,4 @@
-"""Read labeled data, detect its format, normalise every row, and reject bad input with its location.
-
-Sources: `.jsonl`, `.json`, `.csv` and `.parquet` files and folders of them; a folder written by `datasets`'
-`save_to_disk` (a DatasetDict gives the source's `split`); and, when no such local path exists, a Hugging Face hub
-dataset id (`owner/name`, with `subset` and `split`), which needs the network.
+"""Rows -> examples: detect a row's format, normalise it, and reject what would be dropped or misread, by location.
 
 Every row becomes an `Example` of one of three kinds:
 - "chat": a list of {role, content} messages; the assistant turns are what the model learns. In OpenAI form an
@@ -14,31 +10,21 @@ Every row becomes an `Example` of one of three kinds:
 Before the format is detected a source's `columns` renames the file's columns to the format's fields; a source's
 `template` instead builds a conversation from arbitrary columns.
 
-Encodings: UTF-8, with or without a byte-order mark (the BOM is dropped). Anything else (UTF-16, cp1252, GB2312...)
-is an error naming the file and the first offending byte: re-encode the file as UTF-8.
-
 Nothing is dropped silently: a column or turn key the format does not use, and a control character in any text
 (other than tab, newline and carriage return), are errors naming the row and the field.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
-import math
-import random
 import re
 import string
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sft.config import DataConfig, RowTemplate, SourceConfig
+from sft.config import RowTemplate, SourceConfig
 from sft.errors import SftError, did_you_mean
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -51,7 +37,6 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 TOOL_KEYS = {"assistant": ("tool_calls",), "tool": ("name", "tool_call_id")}  # OpenAI-form turn keys beyond content
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
 
 
 @dataclass
@@ -74,360 +59,6 @@ class Example:
         )
 
 
-@dataclass
-class Source:
-    path: Path
-    format: str
-    examples: list[Example]  # every row as read, before the split and the weight
-    sha256: str
-    used: int = 0  # rows it gives: to training after the split and its weight (repeats counted), or to eval
-    held_out: int = 0  # rows of a training source split off into eval
-
-
-@dataclass
-class Dataset:
-    train: list[Example]
-    eval: list[Example]
-    sources: list[Source]
-    warnings: list[str]
-
-    def fingerprint(self) -> str:
-        """The sources' content, and the rows made of it for training and eval: a mapping, template, weight or seed
-        turns the same bytes into other rows."""
-        digest = hashlib.sha256()
-        for source in self.sources:
-            digest.update(f"{source.path.name}:{source.format}:{source.sha256}\n".encode())
-        for split in (self.train, self.eval):
-            digest.update(b"split\n")
-            for example in split:
-                digest.update(example.key().encode() + b"\n")
-        return digest.hexdigest()[:16]
-
-
-def load_dataset(config: DataConfig) -> Dataset:
-    """Read every source, split train/eval, weight the training sources; raise `SftError` on bad input.
-
-    The split comes first so eval rows are drawn from the data as given and never hold a weight's repeated copies;
-    duplicates are checked on the rows before weighting too, since a weight's repeats are on purpose.
-    """
-    train_sources = [read_source(s) for s in config.train]
-    eval_sources = [read_source(s) for s in config.eval] if config.eval else []
-    if eval_sources:
-        parts = [s.examples for s in train_sources]
-        evals = [e for s in eval_sources for e in s.examples]
-        for source in eval_sources:
-            source.used = len(source.examples)
-    else:
-        parts, evals = split_off_eval(train_sources, config.eval_fraction, config.seed)
-    warnings = check_duplicates([e for part in parts for e in part], evals, config.duplicates)
-    train = []
-    for i, (spec, source, part) in enumerate(zip(config.train, train_sources, parts)):
-        taken = apply_weight(part, spec.weight, random.Random(f"{config.seed}:{i}"), spec.path)
-        source.used, source.held_out = len(taken), len(source.examples) - len(part)
-        train += taken
-    return Dataset(train=train, eval=evals, sources=train_sources + eval_sources, warnings=warnings)
-
-
-def split_off_eval(sources: list[Source], fraction: float, seed: int) -> tuple[list[list[Example]], list[Example]]:
-    """Hold out `fraction` of all training rows, drawn with `seed` over the sources pooled in order.
-
-    Returns each source's training part (in file order) and the eval rows. The draw does not depend on weights, so
-    changing a weight never moves a row between train and eval.
-    """
-    pooled = [(i, e) for i, source in enumerate(sources) for e in source.examples]
-    order = list(range(len(pooled)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(pooled) * fraction))
-    if len(pooled) - n_eval < 1:
-        raise SftError(f"data: {len(pooled)} row(s) are too few to split off an eval set; give data.eval")
-    held = set(order[:n_eval])
-    parts: list[list[Example]] = [[] for _ in sources]
-    for j, (i, example) in enumerate(pooled):
-        if j not in held:
-            parts[i].append(example)
-    return parts, [pooled[j][1] for j in sorted(held)]
-
-
-def apply_weight(rows: list[Example], weight: float, rng: random.Random, name: str) -> list[Example]:
-    """round(weight * len(rows)) rows, half up: whole copies of every row, then a seeded sample of the remainder
-    without replacement (kept in file order), so a weight of 0.5 is half the rows and 2.5 is every row 2 or 3 times.
-    """
-    if weight == 1 or not rows:
-        return list(rows)
-    n = math.floor(weight * len(rows) + 0.5)
-    if n == 0:
-        raise SftError(
-            f"data source {name}: weight {weight} of its {len(rows)} training row(s) rounds to 0 rows; expected a "
-            f"weight of at least {0.5 / len(rows):.3g}, or remove the source"
-        )
-    copies, rest = divmod(n, len(rows))
-    picked = sorted(rng.sample(range(len(rows)), rest))
-    return rows * copies + [rows[i] for i in picked]
-
-
-def check_duplicates(train: list[Example], evals: list[Example], mode: str) -> list[str]:
-    """Exact duplicate training rows, and eval rows that are also training rows: warnings, each with one location,
-    or (mode "error") one `SftError` naming the counts and those locations."""
-    first_seen: dict[str, str] = {}
-    repeats: list[tuple[str, str]] = []
-    for example in train:
-        key = example.key()
-        if key in first_seen:
-            repeats.append((example.where, first_seen[key]))
-        else:
-            first_seen[key] = example.where
-    leaked: dict[str, str] = {}
-    for example in evals:
-        key = example.key()
-        if key in first_seen and key not in leaked:
-            leaked[key] = example.where
-    problems = []
-    if repeats:
-        where, first = repeats[0]
-        problems.append(
-            f"{len(repeats)} training row(s) are exact duplicates of another (first: {where} repeats {first})"
-        )
-    if leaked:
-        key, where = next(iter(leaked.items()))
-        problems.append(
-            f"{len(leaked)} eval row(s) also appear in the training data: eval scores are inflated "
-            f"(e.g. eval {where} is train {first_seen[key]})"
-        )
-    if problems and mode == "error":
-        raise SftError(
-            "data: " + "; ".join(problems) + ". Expected no duplicates (data.duplicates=error): remove them, or set "
-            "data.duplicates=warn"
-        )
-    return problems
-
-
-def read_source(source: SourceConfig) -> Source:
-    """Read one source: its rows, renamed by `columns`, the format detected once, then every row normalised."""
-    rows, sha256 = source_rows(source)
-    if source.columns:
-        check_column_map(source)
-    fmt = source.format
-    examples = []
-    for where, row in rows:
-        if source.columns:
-            row = map_columns(row, source.columns, where)
-        try:
-            if fmt == "auto":
-                fmt = detect_format(row, where)
-            if fmt == "template":
-                assert source.template is not None  # the config guarantees it
-                examples.append(template_example(row, source.template, where, source.extra_fields))
-            else:
-                examples.append(normalise(row, fmt, where, source.extra_fields, source.roles))
-        except SftError as err:
-            raise _with_column_map(err, source.columns) from None
-    return Source(path=Path(source.path), format=fmt, examples=examples, sha256=sha256)
-
-
-def source_rows(source: SourceConfig) -> tuple[list[tuple[str, dict]], str]:
-    """(where, row) pairs of a source and the sha256 of its content; `where` names the file and line or row."""
-    path = Path(source.path)
-    if path.is_dir() and is_saved_dataset(path):
-        return saved_dataset_rows(path, source)
-    if not path.exists() and HUB_ID.fullmatch(source.path) and path.suffix not in SUFFIXES:
-        return hub_rows(source)
-    if source.split != "train" or source.subset is not None:
-        raise SftError(
-            f"{path}: split and subset select from a Hugging Face dataset, but this source is data files; "
-            "remove them from the source"
-        )
-    digest = hashlib.sha256()
-    rows = []
-    for file in source_files(path):
-        data = file.read_bytes()
-        digest.update(data)
-        rows += [(f"{file} {where}", row) for where, row in read_rows(file, data)]
-    return rows, digest.hexdigest()
-
-
-def source_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
-        if not files:
-            raise SftError(
-                f"{path}: folder holds no data files (expected {', '.join(SUFFIXES)}, or a folder written by "
-                "datasets' save_to_disk)"
-            )
-        return files
-    if not path.exists():
-        raise SftError(f"data file not found: {path} (resolved to {path.resolve()})")
-    if path.suffix not in SUFFIXES:
-        raise SftError(f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(SUFFIXES)})")
-    return [path]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """A folder written by `Dataset.save_to_disk` (state.json + dataset_info.json) or `DatasetDict.save_to_disk`."""
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-    )
-
-
-def saved_dataset_rows(path: Path, source: SourceConfig) -> tuple[list[tuple[str, dict]], str]:
-    """Rows of a saved dataset, hashed by its arrow files (so the hash follows the content, not the folder's name)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets raises several types for a damaged folder
-        raise SftError(
-            f"{path}: looks like a saved Hugging Face dataset but does not load ({type(err).__name__}: {err})"
-        ) from None
-    if source.subset is not None:
-        raise SftError(
-            f"{path}: subset {source.subset!r} selects a hub dataset's configuration; remove it for a saved folder"
-        )
-    if isinstance(loaded, datasets.DatasetDict):
-        if source.split not in loaded:
-            raise SftError(
-                f"{path}: the saved DatasetDict has no split {source.split!r}; expected one of {sorted(loaded)} "
-                "(set split on this source)"
-            )
-        table, prefix = loaded[source.split], f"{path} split {source.split}"
-    elif source.split != "train":
-        raise SftError(
-            f"{path}: split {source.split!r} given, but the folder holds one saved Dataset, not a DatasetDict with "
-            "splits; remove split from this source"
-        )
-    else:
-        table, prefix = loaded, str(path)
-    digest = hashlib.sha256()
-    for name in sorted(f["filename"] for f in table.cache_files):
-        digest.update(Path(name).name.encode() + b"\0")
-        with open(name, "rb") as arrow:
-            while chunk := arrow.read(1 << 20):
-                digest.update(chunk)
-    return dataset_rows(table, prefix), digest.hexdigest()
-
-
-def hub_rows(source: SourceConfig) -> tuple[list[tuple[str, dict]], str]:
-    """Rows of a hub dataset (needs the network, or the datasets cache), hashed by the dataset's `_fingerprint`."""
-    import datasets
-
-    try:
-        table = datasets.load_dataset(source.path, name=source.subset, split=source.split)
-    except Exception as err:  # connection, not found, gated, unknown subset or split: all end the run here
-        what = "could not be reached" if isinstance(err, ConnectionError) else "could not be loaded"
-        raise SftError(
-            f"{source.path}: no such local file or folder (resolved to {Path(source.path).resolve()}), and as a "
-            f"Hugging Face hub dataset (subset {source.subset!r}, split {source.split!r}) it {what}: "
-            f"{type(err).__name__}: {err}. Expected a local path, or a hub dataset id with network access (offline: "
-            "save it with save_to_disk where you are online and give that folder)"
-        ) from None
-    if not isinstance(table, datasets.Dataset):
-        raise SftError(f"{source.path}: expected one split as a datasets.Dataset, got {type(table).__name__}")
-    digest = hashlib.sha256(f"hub:{source.path}:{source.subset}:{source.split}:{table._fingerprint}".encode())
-    return dataset_rows(table, f"{source.path} split {source.split}"), digest.hexdigest()
-
-
-def dataset_rows(table: Any, prefix: str) -> list[tuple[str, dict]]:
-    if len(table) == 0:
-        raise SftError(f"{prefix}: no rows; expected at least one")
-    return [(f"{prefix} row {i}", row) for i, row in enumerate(table.to_list())]
-
-
-def decode(file: Path, data: bytes) -> str:
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and b"\x00" in data[:1000]):
-        raise SftError(f"{file}: looks like UTF-16 (byte-order mark or NUL bytes); expected UTF-8 - re-encode it")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise SftError(
-            f"{file}: not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}); "
-            "expected UTF-8 text - re-encode the file (e.g. from cp1252 or GB2312)"
-        ) from None
-
-
-def read_rows(file: Path, data: bytes) -> list[tuple[str, dict]]:
-    """Rows of one file as (where, row) pairs, `where` being "line N" or "row N" for messages."""
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(io.BytesIO(data)).to_pylist()
-        except Exception as err:  # pyarrow raises several types for corrupt files
-            raise SftError(f"{file}: not a readable parquet file ({err})") from None
-        pairs = [(f"row {i}", r) for i, r in enumerate(rows)]
-    else:
-        text = decode(file, data)
-        if not text.strip():
-            raise SftError(f"{file}: file is empty; expected at least one row")
-        if file.suffix == ".csv":
-            pairs = _csv_rows(file, text)
-        elif file.suffix == ".jsonl":
-            pairs = list(_jsonl_rows(file, text))
-        else:
-            pairs = _json_rows(file, text)
-    if not pairs:
-        raise SftError(f"{file}: no rows; expected at least one")
-    for where, row in pairs:
-        if not isinstance(row, dict):
-            raise SftError(f"{file} {where}: expected an object with named fields, got {type(row).__name__}")
-    return pairs
-
-
-def _csv_rows(file: Path, text: str) -> list[tuple[str, dict]]:
-    reader = csv.DictReader(io.StringIO(text))
-    pairs, end = [], 1  # `end`: the last line of the header or previous record (a quoted value may span lines)
-    for row in reader:
-        where, end = f"line {end + 1}", reader.line_num
-        columns = reader.fieldnames or []
-        if None in row or None in row.values():
-            count = len(columns) + len(row.get(None) or []) - sum(v is None for v in row.values())
-            raise SftError(
-                f"{file} {where}: {count} value(s) but the header has {len(columns)} column(s) {columns}; "
-                "expected one value per column (quote values that hold commas)"
-            )
-        pairs.append((where, row))
-    return pairs
-
-
-def _jsonl_rows(file: Path, text: str):
-    stripped = text.lstrip()
-    if stripped.startswith("[") and "\n" in stripped and stripped.rstrip().endswith("]"):
-        try:
-            json.loads(text)
-            raise SftError(f"{file}: holds one JSON array, not JSON Lines; rename it to {file.stem}.json")
-        except json.JSONDecodeError:
-            pass
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SftError(
-                f"{file} line {number}: malformed JSON ({err.msg} at column {err.colno}); "
-                "expected one JSON object per line"
-            ) from None
-
-
-def _json_rows(file: Path, text: str) -> list[tuple[str, Any]]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":
-            raise SftError(
-                f"{file}: several JSON values, one per line: this is JSON Lines; rename it to {file.stem}.jsonl"
-            ) from None
-        raise SftError(f"{file} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    if isinstance(value, dict):
-        value = [value]  # a single top-level object is one row
-    if not isinstance(value, list):
-        raise SftError(f"{file}: expected a JSON array of objects (or one object), got {type(value).__name__}")
-    return [(f"row {i}", row) for i, row in enumerate(value)]
-
-
 FORMAT_FIELDS = {  # every field each format reads; any other (non-null) field would be ignored, so it is an error
     "messages": ("messages", "tools"),
     "sharegpt": ("conversations", "tools"),
@@ -437,7 +68,6 @@ FORMAT_FIELDS = {  # every field each format reads; any other (non-null) field w
 }
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 (bar tab, LF, CR), DEL, C1
 SURROGATES = re.compile("[\ud800-\udfff]")  # only from JSON escapes (\\ud83d alone): valid UTF-8 never holds one
-
 FORMAT_KEYS = {
     "messages": "messages",
     "sharegpt": "conversations",
@@ -502,10 +132,6 @@ def _unused(row: dict, known: tuple[str, ...]) -> list[str]:
     return sorted(str(k) for k, v in row.items() if k not in known and v is not None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Column mapping and templates
-
-
 def check_column_map(source: SourceConfig) -> None:
     """Every mapped name is a field the source's format reads (any format's, when detected)."""
     assert source.columns is not None
@@ -537,7 +163,7 @@ def map_columns(row: dict, columns: dict[str, str], where: str) -> dict:
     return renamed
 
 
-def _with_column_map(err: SftError, columns: dict[str, str] | None) -> SftError:
+def with_column_map(err: SftError, columns: dict[str, str] | None) -> SftError:
     """An error about a mapped field also names the file's column, which is what the user sees in the file."""
     named = [f"{name!r} is column {column!r}" for name, column in (columns or {}).items() if repr(name) in str(err)]
     return SftError(f"{err} (mapped by columns: {', '.join(named)})") if named else err
@@ -580,10 +206,6 @@ def template_example(row: dict, template: RowTemplate, where: str, extra_fields:
             continue
         messages.append({"role": role, "content": content})
     return _chat(messages, where, "template", "role", "content")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Formats
 
 
 def normalise(row: dict, fmt: str, where: str, extra_fields: str = "error", roles: dict | None = None) -> Example:
