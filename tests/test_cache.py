@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sft.config import TinyModelSpec
+from sft.config import ModelConfig, TinyModelSpec
 from sft.data import Example
 from sft.data.cache import tokenize_cached
 from sft.data.demo import make_reverse_rows
-from sft.demo import build_tiny_model
-from sft.model import ModelConfig, load_tokenizer
+from sft.model import load_tokenizer
+from sft.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
 
-from sft import attention, loss
 from sft.config import AdapterConfig, ModelConfig, TinyModelSpec
 from sft.errors import SftError
-from sft.model import apply_lora, load_model, set_attention
+from sft.model import apply_lora, attention, load_model, loss, set_attention
 
 
 def _head_case(n: int = 300, d: int = 48, vocab: int = 500, seed: int = 0):
@@ -73,8 +72,8 @@ def test_no_labelled_position_gives_a_differentiable_zero():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from sft.data.demo import make_reverse_rows
-    from sft.demo import build_tiny_model
     from sft.model import load_tokenizer
+    from sft.model.tiny import build_tiny_model
 
     path = tmp_path_factory.mktemp("fast") / "tiny"
     rows = make_reverse_rows(48, random.Random(1))

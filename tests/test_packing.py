@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from sft.config import AdapterConfig, ModelConfig, TinyModelSpec
 from sft.data import Example
 from sft.data.demo import make_reverse_rows
-from sft.demo import build_tiny_model
 from sft.model import apply_lora, load_model, load_tokenizer
+from sft.model.tiny import build_tiny_model
 from sft.tokenize import tokenize_examples
 from sft.train import build_sft_config
 

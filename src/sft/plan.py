@@ -11,7 +11,7 @@ peft 0.21, TRL 1.16), read from their source and checked tensor by tensor agains
 - the attention mask of padding-free packed rows: sdpa turns the boolean T x T block-diagonal mask into an additive
   float one in every layer and keeps it for backward, so it grows with the square of the tokens per micro-batch
   (`sdpa_packed`, the default where the model allows it, builds none);
-- the training loss: sft.loss's labelled-positions head holds one chunk of logits (about 16M) and the hidden
+- the training loss: sft.model.loss's labelled-positions head holds one chunk of logits (about 16M) and the hidden
   states' gradient; where it does not apply, TRL's fused LM head: on a GPU (Triton) one [4096 x 32768] tile,
   elsewhere its torch fallback about eight fp32 [tokens x vocab] arrays (tiles of at most 4096 x 32768) in backward;
   evaluation always runs TRL's head;
@@ -112,7 +112,7 @@ class ModelShape:
     vocab: int
     tied: bool
     source: str
-    packed_attention: bool = True  # every layer plain causal attention: `auto` runs sdpa_packed (sft.attention)
+    packed_attention: bool = True  # every layer plain causal attention: `auto` runs sdpa_packed (sft.model.attention)
 
     @property
     def q_dim(self) -> int:
@@ -159,7 +159,7 @@ def model_shape(model_config: Any, source: str = "config.json") -> ModelShape:
             f"{source}: no {', '.join(missing)}; `sft plan` needs a decoder-only transformer config "
             "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size)"
         )
-    from sft.attention import supports_packed
+    from sft.model.attention import supports_packed
 
     heads = text.num_attention_heads
     return ModelShape(
@@ -183,7 +183,7 @@ def read_model_config(config: RunConfig) -> tuple[Any, str]:
 
     path = Path(config.model.name_or_path)
     if not path.exists() and config.model.tiny is not None:
-        from sft.demo import stand_in_config
+        from sft.model.tiny import stand_in_config
 
         return stand_in_config(config.model.tiny), "model.tiny (stand-in not built yet; vocabulary at most)"
     return load_model_config(config.model), str(path / "config.json") if path.is_dir() else config.model.name_or_path
@@ -359,7 +359,7 @@ def _labelled_head_bytes(shape: ModelShape, s: Settings, tokens: int) -> int:
     """Working memory of sft.loss's head over at most `tokens` labelled positions (every position, the worst case):
     one chunk of logits in the compute dtype plus its fp32 softmax (and, in bf16, its bf16 copy for the gradient
     matmul), the gathered hidden states and their gradient (fp32), and the head weight cast to bf16 under autocast."""
-    from sft.loss import chunk_tokens
+    from sft.model.loss import chunk_tokens
 
     chunk = min(tokens, chunk_tokens(shape.vocab))
     per_logit = 8 if s.compute == "bf16" else 4
@@ -692,7 +692,7 @@ def _probe_layer(shape: ModelShape, s: Settings, tokens: int) -> dict[str, Any]:
         head_dim=shape.head_dim,
         max_position_embeddings=max(tokens, 64),
     )
-    import sft.attention  # noqa: F401  (registers sdpa_packed)
+    import sft.model.attention  # noqa: F401  (registers sdpa_packed)
 
     config._attn_implementation = "sdpa_packed" if s.attention == "sdpa_packed" else "sdpa"
     with torch.device("meta"):

@@ -144,7 +144,7 @@ def make_callbacks(metrics_path: Path, signals: StopSignals):
 def trainer_class():
     from trl import SFTTrainer
 
-    from sft import loss
+    from sft.model import loss
 
     class Trainer(SFTTrainer):
         """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, which

@@ -1,4 +1,4 @@
-"""The offline stand-in: a tiny random Llama with a tokenizer learnt from the shipped data, and that data.
+"""The offline stand-in: a tiny random Llama with a tokenizer learnt from the training data.
 
 Nothing here is needed with a real model. It lets the whole pipeline run on a CPU with no network: the model is
 built from a seed, so the same config always gives the same "pretrained" weights.
@@ -12,12 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sft.config import TinyModelSpec
-from sft.model import CHATML_TEMPLATE
+from sft.config import ModelConfig, TinyModelSpec
+from sft.errors import SftError
+from sft.model.templates import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
-
-
 RECIPE = "sft_stand_in.json"
 
 
@@ -104,3 +103,21 @@ def build_tiny_model(spec: TinyModelSpec, path: Path, corpus: list[str]) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def ensure_tiny_model(config: ModelConfig, corpus: list[str]) -> bool:
+    """Build the stand-in model at `name_or_path` if the config asks for one and it is absent; True if built."""
+    path = Path(config.name_or_path)
+    if config.tiny is None:
+        return False
+    if path.exists():
+        recipe = path / RECIPE
+        if recipe.is_file() and json.loads(recipe.read_text()) != stand_in_recipe(config.tiny, corpus):
+            raise SftError(
+                f"model.name_or_path={config.name_or_path!r}: the stand-in model there was built from another "
+                "model.tiny spec or other training data; delete that folder to rebuild it, or point name_or_path "
+                "elsewhere"
+            )
+        return False
+    build_tiny_model(config.tiny, path, corpus)
+    return True

@@ -1,4 +1,4 @@
-"""Load the base model and tokenizer, and wrap the model with LoRA: the only place these are built."""
+"""Load the base model, its config and its tokenizer, checked against each other: the only place these are built."""
 
 from __future__ import annotations
 
@@ -11,46 +11,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sft import attention
-from sft.config import AdapterConfig, ModelConfig
+from sft.config import ModelConfig
 from sft.errors import SftError
-
-# ChatML, the template Qwen2.5 and many others use; the answer ends with <|im_end|>, the end-of-turn token.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# Named templates for models whose tokenizer has none (base models): the template and the special tokens it writes.
-NAMED_TEMPLATES = {"chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"])}
-TEMPLATE_TOKENS = {token for _, tokens in NAMED_TEMPLATES.values() for token in tokens}
+from sft.model import attention
+from sft.model.templates import NAMED_TEMPLATES, TEMPLATE_TOKENS
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
-
-
-def ensure_tiny_model(config: ModelConfig, corpus: list[str]) -> bool:
-    """Build the stand-in model at `name_or_path` if the config asks for one and it is absent; True if built."""
-    from sft.demo import RECIPE, build_tiny_model, stand_in_recipe
-
-    path = Path(config.name_or_path)
-    if config.tiny is None:
-        return False
-    if path.exists():
-        recipe = path / RECIPE
-        if recipe.is_file() and json.loads(recipe.read_text()) != stand_in_recipe(config.tiny, corpus):
-            raise SftError(
-                f"model.name_or_path={config.name_or_path!r}: the stand-in model there was built from another "
-                "model.tiny spec or other training data; delete that folder to rebuild it, or point name_or_path "
-                "elsewhere"
-            )
-        return False
-    build_tiny_model(config.tiny, path, corpus)
-    return True
 
 
 def _source_kwargs(config: ModelConfig) -> dict:
@@ -325,63 +295,3 @@ def _shape_mismatch(config: ModelConfig) -> str | None:
     except Exception:  # a best-effort detail for the message; the caller falls back to the library's error
         return None
     return None
-
-
-def build_lora_config(config: AdapterConfig, new_tokens: list[int], train_head: str | None):
-    """The one place a peft LoraConfig is built.
-
-    `new_tokens`: embedding rows added for a chat template, trained and saved with the adapter. `train_head`: the
-    name of an untied LM head to train in full alongside (TRL's fused loss reads the head's weight directly, so LoRA
-    cannot reach it): without it the model could not learn to emit the end-of-turn token it was just given.
-    """
-    from peft import LoraConfig
-
-    modules_to_save = [*(config.modules_to_save or []), *([train_head] if train_head else [])]
-    return LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=config.target_modules,
-        trainable_token_indices=new_tokens or None,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        modules_to_save=sorted(set(modules_to_save)) or None,
-        bias=config.bias,
-        task_type="CAUSAL_LM",
-    )
-
-
-def apply_lora(model: PreTrainedModel, config: AdapterConfig, new_tokens: list[int] | None = None):
-    """Wrap the model with LoRA; tokens added to the vocabulary (`new_tokens`) get trained embedding rows."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    head = model.get_output_embeddings()
-    train_head = None
-    if new_tokens and head is not None and head.weight is not model.get_input_embeddings().weight:
-        train_head = next(name for name, module in model.named_modules() if module is head).split(".")[-1]
-    try:
-        peft_model = get_peft_model(model, build_lora_config(config, list(new_tokens or []), train_head))
-    except ValueError as err:
-        raise SftError(f"adapter: peft could not wrap the model: {err}") from None
-    head = peft_model.get_output_embeddings()
-    if new_tokens and not hasattr(head, "bias") and getattr(head.original_module, "bias", None) is None:
-        # A tied head wrapped for trainable tokens exposes `weight` (merged) but not `bias` (peft 0.21), and TRL's
-        # fused loss reads both: the head has no bias, so say so.
-        head.bias = None
-    return peft_model
-
-
-def read_adapter_base(adapter_dir: Path) -> str:
-    """The base model an exported adapter was trained on."""
-    meta = adapter_dir / "adapter_config.json"
-    if not meta.is_file():
-        raise SftError(f"{adapter_dir}: no adapter_config.json; expected an adapter exported by `sft train`")
-    try:
-        base = json.loads(meta.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (ValueError, AttributeError) as err:  # not JSON, not UTF-8, or not an object
-        raise SftError(f"{meta}: not a JSON object ({err}); expected the adapter_config.json peft writes") from None
-    if not isinstance(base, str):
-        raise SftError(f"{meta}: no base_model_name_or_path; expected the base model the adapter was trained on")
-    return base
