@@ -20,9 +20,9 @@ import yaml
 from accelerate.utils import DistributedType
 
 from sft.config import AdapterConfig
-from sft.distributed import FSDP1, FSDP2, ZERO3, load_gathered, sharding, whole_model
 from sft.errors import SftError
 from sft.model import apply_lora
+from sft.train.distributed import FSDP1, FSDP2, ZERO3, load_gathered, sharding, whole_model
 from tests.test_launch import ROOT, SMALL, assert_one_complete_run, free_port, launch_args, run_all
 
 # --- which runs are sharded -------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
-import sft.distributed
+import sft.train.distributed
 
 prepare_backend = PartialState._prepare_backend
 
@@ -198,7 +198,7 @@ def fsdp_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
     return prepare_backend(self, cpu, sagemaker_dp, backend)
 
 
-whole_model = sft.distributed.whole_model
+whole_model = sft.train.distributed.whole_model
 
 
 def record_slices(trainer, *args, **kwargs):
@@ -213,7 +213,7 @@ def record_slices(trainer, *args, **kwargs):
 
 
 PartialState._prepare_backend = fsdp_on_cpu
-sft.distributed.whole_model = record_slices
+sft.train.distributed.whole_model = record_slices
 os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
 sys.argv[0] = "sft"
 runpy.run_module("sft", run_name="__main__", alter_sys=True)

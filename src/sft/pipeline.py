@@ -49,6 +49,7 @@ from sft.train import (
     build_sft_config,
     checkpoints,
     discard_incomplete,
+    distributed,
     train,
     truncate_log,
 )
@@ -130,7 +131,6 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
                 write_text(run_dir / "config.yaml", to_yaml(config))
         if main:
             write_json(run_dir / "run.json", {"status": "training", "resumed_from": checkpoint and checkpoint.name})
-        from sft.distributed import leave, whole_model
 
         def rebuild():  # the same model, unsharded: under FSDP / ZeRO-3 it takes the adapter gathered from the ranks
             return apply_lora(load_model(config.model, tokenizer), config.adapter, added)
@@ -138,12 +138,12 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
         trained = []  # the model to evaluate and export (the one trained, or its unsharded copy on the main process)
 
         def finished(trainer) -> None:  # on every rank once training ends: every rank joins any gather
-            trained.append(whole_model(trainer, model, rebuild))
+            trained.append(distributed.whole_model(trainer, model, rebuild))
 
         rows = (train_tokens.rows, eval_tokens.rows)
         metrics = train(model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished)
         if not main:
-            leave()
+            distributed.leave()
             return run_dir
         model = trained[0]
 

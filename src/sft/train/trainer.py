@@ -1,7 +1,7 @@
 """Supervised fine-tuning with TRL's SFTTrainer: the only place a trainer is run.
 
-The SFTConfig comes from `sft.config.trl_args.build_sft_config` (re-exported here with `defaults`). Rows arrive
-already tokenized and labelled (see `sft.tokenize`); TRL packs them.
+The SFTConfig comes from `sft.config.trl_args.build_sft_config`. Rows arrive already tokenized and labelled (see
+`sft.data.tokenize`); TRL packs them.
 """
 
 from __future__ import annotations
@@ -10,106 +10,25 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sft.config.trl_args import build_sft_config, defaults  # noqa: F401  (re-exported: their old home)
-from sft.console import log
 from sft.errors import SftError
-from sft.runs import check_free_space, is_complete, publish, write_text
+from sft.runs import check_free_space, publish
+from sft.train.checkpoint_dirs import CHECKPOINT, STAGING, checkpoints, rotate
+from sft.train.signals import Interrupted, StopSignals
 
 
 def _rows_to_dataset(rows: list[dict[str, list[int]]]):
     from datasets import Dataset
 
     return Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels")})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: complete or absent.
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoints in `folder`, oldest step first. A folder without a valid completion marker (a save
-    that was cut short, or one not written by sft) is never resumed from."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if is_complete(p)]
-
-
-def discard_incomplete(folder: Path) -> list[Path]:
-    """Remove half-written checkpoints (staging leftovers of a killed save, folders without a marker)."""
-    removed = []
-    if folder.is_dir():
-        complete = set(checkpoints(folder))
-        for path in folder.iterdir():
-            if path.is_dir() and path not in complete and (CHECKPOINT.match(path.name) or path.name == STAGING):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
-
-
-STAGING = ".staging"
-
-
-class Interrupted(SftError):
-    """SIGTERM or SIGINT: training saved a checkpoint at the end of the step and stopped; exit 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class StopSignals:
-    """Preemption (SIGTERM) and Ctrl-C (SIGINT) while training: finish the step, save a checkpoint, stop cleanly.
-
-    Outside the training loop the signal stops the process at once (the run folder records it). A second Ctrl-C
-    while the checkpoint is being written stops at once too. Every rank stops at the same step.
-    """
-
-    def __init__(self):
-        self.requested: int | None = None
-        self.training = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None or not self.training:
-            self.requested = signum
-            raise Interrupted(f"stopped by {name}", signum)
-        self.requested = signum
-        log(f"{name}: finishing this step, saving a checkpoint, then stopping")
-
-    def stop_now(self, device) -> bool:
-        """Whether any rank was asked to stop (a tiny all-reduce under several processes, so all agree)."""
-        wanted = self.requested is not None
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([1 if wanted else 0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            wanted = bool(flag.item())
-        return wanted
 
 
 def make_callbacks(metrics_path: Path, signals: StopSignals):
@@ -141,6 +60,22 @@ def make_callbacks(metrics_path: Path, signals: StopSignals):
     return [MetricsToJsonl(), StopOnSignal()]
 
 
+def time_limit(seconds: float):
+    """A callback that stops training once `seconds` have passed since training began (checked at the end of each
+    step); the run then evaluates and exports as usual (`sft train --stop-after`, sweep budgets)."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.time() - self.start >= seconds:
+                control.should_training_stop = True
+
+    return TimeLimit()
+
+
 def trainer_class():
     from trl import SFTTrainer
 
@@ -149,7 +84,7 @@ def trainer_class():
     class Trainer(SFTTrainer):
         """SFTTrainer whose checkpoints are complete or absent, checked for space and finite weights, which
         records the order of the batches it trains on (data_order.jsonl: identical runs see identical batches), and
-        whose training loss is sft.loss's labelled-positions head wherever it applies (`labelled_head`)."""
+        whose training loss is sft.model.loss's labelled-positions head wherever it applies (`labelled_head`)."""
 
         order_log: Path | None = None
 
@@ -188,7 +123,7 @@ def trainer_class():
             self.accelerator.wait_for_everyone()
             if self.is_world_process_zero():
                 publish(staged, final_root / f"checkpoint-{step}", step=step)
-                _rotate(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
+                rotate(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
                 shutil.rmtree(final_root / STAGING, ignore_errors=True)
             self.accelerator.wait_for_everyone()
             self.last_saved_step = step
@@ -200,7 +135,7 @@ def trainer_class():
                 loss.install(self.model)
 
         def _labelled_head_reason(self) -> str | None:
-            """Why sft.loss's labelled-positions head cannot replace TRL's for training, or None when it can."""
+            """Why sft.model.loss's labelled-positions head cannot replace TRL's for training, or None when it can."""
             args = self.args
             if args.loss_type != "nll" or self.compute_loss_func is not None or self.label_smoother is not None:
                 return "the loss is not plain cross-entropy"
@@ -245,24 +180,6 @@ def trainer_class():
     return Trainer
 
 
-def _rotate(folder: Path, keep: int | None, best: str | None) -> None:
-    """Keep the newest `keep` complete checkpoints (and the best one); only complete ones count."""
-    if not keep:
-        return
-    complete = checkpoints(folder)
-    for path in complete[:-keep]:
-        if best is None or Path(best).name != path.name:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop the lines a killed run wrote after `step` (the checkpoint resumed from): they are trained again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
-
-
 def train(
     model,
     tokenizer,
@@ -273,8 +190,10 @@ def train(
     resume_from: Path | None = None,
     signals: StopSignals | None = None,
     on_trained: Callable[[Any], None] | None = None,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Run SFTTrainer on tokenized rows (from a checkpoint when resuming); return the final training metrics.
+    `callbacks`: TrainerCallbacks beside the pipeline's own (e.g. `time_limit`).
 
     Writes checkpoints under RUN/checkpoints/, one line per log to RUN/metrics.jsonl and one per batch to
     RUN/data_order.jsonl. When the save strategy keeps checkpoints, the last step is saved too, so a run stopped
@@ -292,7 +211,7 @@ def train(
         train_dataset=_rows_to_dataset(train_rows),
         eval_dataset=_rows_to_dataset(eval_rows) if sft_config.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=make_callbacks(run_dir / "metrics.jsonl", signals),
+        callbacks=[*make_callbacks(run_dir / "metrics.jsonl", signals), *(callbacks or [])],
     )
     trainer.order_log = run_dir / "data_order.jsonl"
     trainer.last_saved_step = None
