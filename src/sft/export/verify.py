@@ -1,6 +1,6 @@
 """Load an export in this (fresh) process and record its logits and greedy generations, for the export check.
 
-    python -m sft.verify EXPORT_FOLDER WORK_FOLDER
+    python -m sft.export.verify EXPORT_FOLDER WORK_FOLDER
 
 WORK_FOLDER/inputs.json holds `ids` (probe token ids) and `prompts` (token ids to continue greedily); this writes
 WORK_FOLDER/logits.safetensors and WORK_FOLDER/generated.json. `sft.export` runs it in a subprocess, so nothing of
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 def main(folder: str, work: str) -> None:
     from sft.evaluate import generate
-    from sft.export import logits_of
+    from sft.export.write import logits_of
     from sft.generate import load_for_inference
 
     model, tokenizer, stop = load_for_inference(Path(folder))

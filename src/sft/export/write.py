@@ -13,14 +13,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
-from sft.config import ModelConfig, RunConfig
+from sft.config import ModelConfig, RunConfig, read_yaml, validate_config
 from sft.console import log
 from sft.errors import SftError
 from sft.evaluate import generate
+from sft.export.card import model_card
+from sft.generate import load_for_inference
 from sft.model import load_model, resolve_dtype
-from sft.runs import atomic_dir, redact, redact_text, run_lock
+from sft.runs import atomic_dir, redact_text, run_lock
 
 # fp32 tolerances: a reloaded adapter is the same arithmetic; a merge reorders it (W + BA vs Wx + BAx). In bf16,
 # fp16 or 4 bits the differences are recorded and warned about, not enforced: rounding makes them model-dependent.
@@ -126,7 +127,7 @@ def _load_in_fresh_process(folder: Path, ids: torch.Tensor, prompts) -> tuple[to
     with tempfile.TemporaryDirectory() as work:
         (Path(work) / "inputs.json").write_text(json.dumps({"ids": ids.tolist(), "prompts": list(prompts)}))
         done = subprocess.run(
-            [sys.executable, "-m", "sft.verify", str(folder), work], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "sft.export.verify", str(folder), work], capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -203,65 +204,9 @@ def _save_generation_config(model, folder: Path, stop: set[int]) -> None:
     generation.save_pretrained(folder)
 
 
-def model_card(config: RunConfig, base: str, checks: dict, card: dict, merged: bool = False) -> str:
-    """README.md with YAML front matter, metrics, the export checks and loading snippets that run as written."""
-    folder = Path(checks["merged"] if merged else checks["adapter"]).resolve()
-    front = {
-        "base_model": config.model.name_or_path,
-        "library_name": "transformers" if merged else "peft",
-        "tags": ["sft", "lora", "trl", "merged" if merged else "adapter"],
-        "datasets": [s.path for s in config.data.train],
-    }
-    grown = any("resized embeddings" in w for w in checks.get("vllm_warnings", []))
-    checks_md = "".join(f"- {k}: {v}\n" for k, v in checks.items() if k.endswith(("diff", "equal", "warning")))
-    warnings_md = "".join(f"- vLLM: {w}\n" for w in checks.get("vllm_warnings", [])) or "- none\n"
-    if merged:
-        load = (
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n```\n\n"
-            f"vLLM: `vllm serve {folder}`\n"
-        )
-    else:
-        load = (
-            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
-            + ("base.resize_token_embeddings(len(tokenizer))  # the adapter added tokens\n" if grown else "")
-            + f"model = PeftModel.from_pretrained(base, {str(folder)!r})\n```\n\n"
-            f"vLLM: `vllm serve {base} --enable-lora --lora-modules sft={folder}`\n"
-        )
-    return (
-        "---\n"
-        + yaml.safe_dump(front, sort_keys=False)
-        + "---\n\n"
-        + f"# {'Merged model' if merged else 'LoRA adapter'} fine-tuned from {config.model.name_or_path}\n\n"
-        + f"Fine-tuned with `sft` (TRL SFTTrainer + PEFT LoRA r={config.adapter.r}) on "
-        + f"{card.get('train_examples', '?')} examples ({card.get('trained_tokens', '?')} trained tokens); "
-        + f"data fingerprint `{card.get('fingerprint', '?')}`.\n\n"
-        + "## Held-out evaluation\n\n"
-        + card.get("metrics_markdown", "(evaluation was off)\n")
-        + "\n## Export checks\n\n"
-        + "Reloaded in a fresh process and compared with the trained model (max abs logit difference, greedy "
-        + "generations on held-out prompts):\n\n"
-        + checks_md
-        + "\n## Serving caveats\n\n"
-        + warnings_md
-        + "\n## Use it\n\n"
-        + load
-        + f"\nor `sft generate {folder} --prompt '...'` (`sft chat {folder}` for a conversation).\n\n"
-        + "## Training config\n\n```yaml\n"
-        + yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False)
-        + "```\n"
-    )
-
-
 def export_run(run_dir: Path, merged: bool) -> dict:
     """`sft export RUN`: load the run's adapter on its base and export it again (adapter, merged model, card,
     checks), as the end of `sft train` does."""
-    from sft.config import read_yaml, validate_config
-    from sft.generate import load_for_inference
-
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise SftError(f"{run_dir}: expected a run folder written by `sft train` (config.yaml and adapter/)")
     config = validate_config(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
