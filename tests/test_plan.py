@@ -14,7 +14,7 @@ import pytest
 
 from sft import plan as planner
 from sft.config import load_config
-from sft.plan import GPUS, make_plan, model_shape, predict_memory, read_model_config, settings_for
+from sft.plan import GPUS, devices, make_plan, model_shape, precision, predict_memory, read_model_config, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # Llama-3.1-8B's shapes: what config.json says, no weights
@@ -171,11 +171,11 @@ def test_auto_settings_choose_precision_and_checkpointing_with_reasons(tmp_path,
     assert any(line.startswith("precision: ") and "ms" in line for line in lines)
     assert any(line.startswith("activation checkpointing: off") for line in lines)
 
-    monkeypatch.setattr(planner, "_probe_layer", lambda *a: pytest.fail("probed again: the cache was not used"))
+    monkeypatch.setattr(precision, "_probe_layer", lambda *a: pytest.fail("probed again: the cache was not used"))
     plan = make_plan(config, model_config)
     without = plan.memory.train_total
     with_ckpt = predict_memory(plan.shape, replace(plan.settings, checkpointing=True)).peak
-    monkeypatch.setattr(planner, "available_ram", lambda: (without + with_ckpt) // 2)
+    monkeypatch.setattr(devices, "available_ram", lambda: (without + with_ckpt) // 2)
     values, lines = planner.auto_settings(config, model_config)
     assert values["activation_checkpointing"] is True
     assert any(line.startswith("activation checkpointing: on") for line in lines)
@@ -183,7 +183,7 @@ def test_auto_settings_choose_precision_and_checkpointing_with_reasons(tmp_path,
     fits, line = planner.will_fit(config, model_config)
     assert fits and "plan: peak" in line
 
-    monkeypatch.setattr(planner, "available_ram", lambda: with_ckpt // 2)
+    monkeypatch.setattr(devices, "available_ram", lambda: with_ckpt // 2)
     values, lines = planner.auto_settings(config, model_config)
     assert values["activation_checkpointing"] is True
     assert any(line.startswith("warning: the plan predicts this run will not fit") for line in lines)
