@@ -14,8 +14,8 @@ import pytest
 
 from sft.config import load_config, validate_config
 from sft.data import Example, load_dataset
-from sft.inspect_data import format_report, inspect, render_trained
 from sft.model import load_tokenizer
+from sft.pipeline.inspect import format_report, inspect, render_trained
 from sft.tokenize import tokenize_examples
 from tests.conftest import ROOT, shared
 

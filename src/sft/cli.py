@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         print(redact_text(f"{args.config}: valid ({config.model.name_or_path}, LoRA r={config.adapter.r})"))
         return 0
     if args.command == "data":
-        from sft.inspect_data import format_report, inspect
+        from sft.pipeline.inspect import format_report, inspect
 
         report = inspect(load_config(args.config, args.overrides), examples=args.examples)
         if args.json:

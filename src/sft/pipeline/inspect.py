@@ -3,7 +3,7 @@
 `inspect` runs the same stages as `sft train` up to tokenization (data, stand-in model if asked, tokenizer, vocabulary
 check) and tokenizes each source on its own, so a file that is mostly dropped as too long, or barely trained, shows
 up by name. `render_trained` decodes a tokenized row with its trained tokens marked: green with colour, `[[...]]`
-without. Nothing here decides what is trained: that is `sft.tokenize`, reused as is.
+without. Nothing here decides what is trained: that is `sft.data.tokenize`, reused as is.
 """
 
 from __future__ import annotations

@@ -50,19 +50,25 @@ from sft.train import (
     checkpoints,
     discard_incomplete,
     distributed,
+    time_limit,
     train,
     truncate_log,
 )
 
 
-def train_run(config: RunConfig, resume: bool | Path = False, force: bool = False) -> Path:
+def train_run(
+    config: RunConfig, resume: bool | Path = False, force: bool = False, stop_after: float | None = None
+) -> Path:
     """`sft train`: a new run folder, or (`resume`) the latest complete checkpoint of an earlier run of this config
-    (`resume` may name the run folder). Resuming refuses a changed config or data unless `force`."""
+    (`resume` may name the run folder). Resuming refuses a changed config or data unless `force`. `stop_after`:
+    training stops after that many seconds, then the run evaluates and exports as usual."""
     with StopSignals() as signals:
-        return _train_run(config, resume, force, signals)
+        return _train_run(config, resume, force, signals, stop_after)
 
 
-def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: StopSignals) -> Path:
+def _train_run(
+    config: RunConfig, resume: bool | Path, force: bool, signals: StopSignals, stop_after: float | None
+) -> Path:
     started = time.time()
 
     build_quantization_config(config.model)  # 4-bit without CUDA fails here, before anything is built or read
@@ -141,7 +147,10 @@ def _train_run(config: RunConfig, resume: bool | Path, force: bool, signals: Sto
             trained.append(distributed.whole_model(trainer, model, rebuild))
 
         rows = (train_tokens.rows, eval_tokens.rows)
-        metrics = train(model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished)
+        limit = [time_limit(stop_after)] if stop_after is not None else None
+        metrics = train(
+            model, tokenizer, *rows, sft_config, run_dir, checkpoint, signals, on_trained=finished, callbacks=limit
+        )
         if not main:
             distributed.leave()
             return run_dir
