@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--run", type=Path, help="with --resume: the run folder to continue (default: the newest)")
     train.add_argument("--force", action="store_true", help="with --resume: resume even if config or data changed")
+    train.add_argument(
+        "--stop-after",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="stop training after SECONDS of training, then evaluate and export as usual (used by sweep budgets)",
+    )
 
     data = commands.add_parser(
         "data",
@@ -152,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if (args.run or args.force) and not args.resume:
             raise SftError("--run and --force only apply with --resume")
-        train_run(load_config(args.config, args.overrides), resume=args.run or args.resume, force=args.force)
+        config = load_config(args.config, args.overrides)
+        train_run(config, resume=args.run or args.resume, force=args.force, stop_after=args.stop_after)
         return 0
     if args.command == "generate":
         from sft.generate import answer, load_for_inference
@@ -193,6 +200,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):  # nan fails this too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return seconds
 
 
 def _non_negative(text: str) -> int:
