@@ -124,7 +124,10 @@ def sft_config_for(variant: str, settings: dict[str, Any], output_dir: str, mode
         train = {**packed, **run, "eval_strategy": "no", "save_strategy": "no"}
         auto, note = pipeline_choices(settings["max_length"], LORA, train, output_dir, model.config)
         train = {**auto, **train, **{k: v for k, v in overrides.items() if not k.startswith("_")}}
-        choice = "labelled-positions loss head (sft.loss) and per-document attention (sft.attention) where they apply"
+        choice = (
+            "labelled-positions loss head (sft.model.loss) and per-document attention (sft.model.attention) "
+            "where they apply"
+        )
         note = f"{note}; {choice}"
         if overrides:
             note += f"; then {overrides}"
@@ -209,7 +212,7 @@ def run_variant(job: dict[str, Any]) -> dict[str, Any]:
     # One batch per micro-batch: with gradient accumulation an optimizer step takes several (the last one fewer).
     timed, seconds = batches[warm * sft_config.gradient_accumulation_steps :], sum(steps[warm:])
     linear, attention, head = lora_flops_per_token(counts, spec)
-    # sft.loss scores labelled positions only; TRL's fused head does so only on Triton devices
+    # sft.model.loss scores labelled positions only; TRL's fused head does so only on Triton devices
     scored = "trained" if getattr(trainer, "labelled_head", False) or head_scores_labels_only() else "real"
     flops = sum(linear * b["real"] + attention * b["sum_s2"] + head * b[scored] for b in timed)
     real, pad = sum(b["real"] for b in batches), sum(b["pad"] for b in batches)
@@ -482,8 +485,8 @@ def markdown(report: dict[str, Any]) -> str:
         "document of length s, 4 V d LM head per token it scores: "
         + ", ".join(f"{k} per {v['lm_head_flops_per']}" for k, v in report["variants"].items())
         + "; TRL 1.16's fused head scores only labelled positions on Triton devices and every position elsewhere, "
-        "sft.loss only labelled ones) over the steady-state time, divided by the measured matmul peak of the dtype the "
-        "variant computes in (and, last column, by the bf16 peak for all).",
+        "sft.model.loss only labelled ones) over the steady-state time, divided by the measured matmul peak of the "
+        "dtype the variant computes in (and, last column, by the bf16 peak for all).",
         "",
         "Targets: " + "; ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in report["targets_met"].items()),
         "",

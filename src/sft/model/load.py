@@ -203,7 +203,7 @@ def build_quantization_config(config: ModelConfig):
 
 def set_attention(model: PreTrainedModel, requested: str, where: str = "") -> str:
     """`auto` and `sdpa_packed` load as sdpa, then switch to sdpa_packed where every layer is plain causal attention
-    (see sft.attention). Returns the implementation the model now uses."""
+    (see sft.model.attention). Returns the implementation the model now uses."""
     if requested == attention.NAME and not attention.supports_packed(model.config):
         raise SftError(
             f"model.attn_implementation={attention.NAME!r}: {where or 'the model'} has layers that are not plain "

@@ -15,7 +15,7 @@ def flops_per_step(shape: ModelShape, s: Settings) -> dict[str, float]:
     n_lora = lora_params(shape, s)
     doc = s.max_length  # documents are at most max_length tokens: causal attention is not discounted
     attention = 12 * shape.layers * shape.q_dim * doc
-    # The head scores labelled positions only (sft.loss; TRL's on a GPU), every position with TRL's head on a CPU:
+    # The head scores labelled positions only (sft.model.loss; TRL's on a GPU), every position with TRL's head on a CPU:
     # counted for every token here (the worst case).
     head = 4 * shape.vocab * shape.hidden
     per_token = 4 * n_dec + 6 * n_lora + attention + head

@@ -102,9 +102,10 @@ def _head_bytes(shape: ModelShape, s: Settings, tokens: int, backward: bool) -> 
 
 
 def _labelled_head_bytes(shape: ModelShape, s: Settings, tokens: int) -> int:
-    """Working memory of sft.loss's head over at most `tokens` labelled positions (every position, the worst case):
-    one chunk of logits in the compute dtype plus its fp32 softmax (and, in bf16, its bf16 copy for the gradient
-    matmul), the gathered hidden states and their gradient (fp32), and the head weight cast to bf16 under autocast."""
+    """Working memory of sft.model.loss's head over at most `tokens` labelled positions (every position, the worst
+    case): one chunk of logits in the compute dtype plus its fp32 softmax (and, in bf16, its bf16 copy for the
+    gradient matmul), the gathered hidden states and their gradient (fp32), and the head weight cast to bf16 under
+    autocast."""
     from sft.model.loss import chunk_tokens
 
     chunk = min(tokens, chunk_tokens(shape.vocab))
@@ -206,7 +207,7 @@ def predict_memory(shape: ModelShape, s: Settings) -> Memory:
         "activations": act_note,
         "attention_mask": f"{mask_elems:,} elements" if mask_elems else "none (no dense mask)",
         "logits_and_loss": (
-            f"labelled-positions head (sft.loss), at most {head_tokens:,} tok x {shape.vocab:,} vocab in chunks"
+            f"labelled-positions head (sft.model.loss), at most {head_tokens:,} tok x {shape.vocab:,} vocab in chunks"
             if s.labelled_head
             else f"TRL's fused LM head over {head_tokens:,} tok x {shape.vocab:,} vocab"
         ),

@@ -131,7 +131,7 @@ class Settings:
     lora_roles: tuple[str, ...]
     use_dora: bool
     full_modules: tuple[str, ...]  # modules_to_save trained in full (embed_tokens, lm_head)
-    labelled_head: bool = True  # training's loss is sft.loss's (a frozen LM head); else TRL's fused head
+    labelled_head: bool = True  # training's loss is sft.model.loss's (a frozen LM head); else TRL's fused head
 
     @property
     def tokens(self) -> int:

@@ -236,6 +236,8 @@ def train(
     # accelerate wrapped the model's forward in autocast for mixed precision: evaluation and the export checks see
     # the model as it is saved and reloaded (its own dtype), so that wrapper goes
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    if on_trained is not None:  # on every rank, while the trainer and its process group are live (sft.distributed)
+    if (
+        on_trained is not None
+    ):  # on every rank, while the trainer and its process group are live (sft.train.distributed)
         on_trained(trainer)
     return dict(result.metrics)
