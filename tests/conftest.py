@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import atexit
 import lzma
+import os
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,18 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SCRATCH = Path(tempfile.mkdtemp(prefix="sft-fixtures-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 _unpacking = threading.Lock()  # test_bad_inputs builds its cases in threads
+
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs one pytest-xdist worker per core: each gets its share of the cores as torch threads (read by
+    # torch at import, and inherited by the `sft` subprocesses the tests start), not all of them each.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Modules with the most end-to-end (`slow`) tests first, the rest in file order: pytest-xdist hands out whole
+    files in this order (`--dist loadfile --no-loadscope-reorder`), so the longest start early instead of last."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def shared(relative: str) -> Path:
