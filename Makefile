@@ -19,8 +19,12 @@ setup: $(BIN)/sft
 demo: setup ## the whole pipeline on the embedded tiny default, offline
 	$(BIN)/sft train configs/tiny.yaml
 
-test: setup ## the offline CPU test suite
-	$(BIN)/python -m pytest -q
+# One pytest-xdist worker per core, each running whole test files (module fixtures train once), the files with the
+# most end-to-end tests first (tests/conftest.py); `make test PYTEST_WORKERS=0` runs them in this one process.
+PYTEST_WORKERS ?= auto
+
+test: setup ## the whole offline CPU test suite
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check src tests pipelines

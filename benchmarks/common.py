@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SFT_SHARED_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-ALPACA = SHARED / "datasets/llamafactory/alpaca_en_demo.json"
-QWEN = SHARED / "tokenizers/qwen2_5"
-# Measured once on ALPACA with QWEN's chat template (999 rows): used only to shape the fallback without ../shared.
+FIXTURES = ROOT / "tests" / "fixtures"  # the test suite's vendored files (tests/fixtures/SOURCES.md), kept plain
+ALPACA = FIXTURES / "datasets/llamafactory/alpaca_en_demo.json"
+QWEN = FIXTURES / "tokenizers/qwen2_5"
+# Measured once on ALPACA with QWEN's chat template (999 rows): used only to shape the fallback without them.
 ALPACA_MEAN, ALPACA_STD, ALPACA_ANSWER_SHARE = 194.4, 131.2, 0.756
 PAD_ID, EOS_ID = 0, 1  # reserved: folded text ids start at 2, so a pad id never collides with a real token
 
@@ -141,7 +141,7 @@ class Data:
 
 def chat_data(n_train: int, n_eval: int, vocab: int, max_length: int, seed: int = 0) -> Data:
     """Rows of input_ids + labels (-100 on the prompt, the answer and its end-of-turn trained), as `sft.tokenize`
-    produces them. Real Alpaca lengths and text when ../shared is present; otherwise lognormal lengths of the same
+    produces them. Real Alpaca lengths and text from tests/fixtures; otherwise lognormal lengths of the same
     mean and spread with Zipf-distributed ids."""
     if ALPACA.is_file() and QWEN.is_dir():
         pairs, source = _alpaca_pairs(vocab)
@@ -150,8 +150,8 @@ def chat_data(n_train: int, n_eval: int, vocab: int, max_length: int, seed: int 
         pairs, source = (
             _lognormal_pairs(n_train + n_eval, vocab, seed),
             (
-                f"../shared absent: lognormal lengths (mean {ALPACA_MEAN}, std {ALPACA_STD}, as alpaca_en_demo with "
-                "Qwen2.5), Zipf-distributed synthetic ids"
+                f"tests/fixtures absent: lognormal lengths (mean {ALPACA_MEAN}, std {ALPACA_STD}, as alpaca_en_demo "
+                "with Qwen2.5), Zipf-distributed synthetic ids"
             ),
         )
     random.Random(seed).shuffle(pairs)

@@ -7,8 +7,8 @@ so no run folder, no temporary or staging file and no edited input. The one thin
 entry of the tokenized-data cache, for cases that fail on the weights after the data was tokenized.
 
 Most cases build their own inputs from a tiny stand-in model built once per module; a few use real third-party
-files from ../shared/fixtures and skip without it. The cases run three at a time in a module fixture (each
-subprocess imports torch, transformers and trl, ~5 s of CPU); each test then asserts on its case's result.
+files from tests/fixtures. The cases run three at a time in a module fixture (each subprocess imports torch,
+transformers and trl, ~5 s of CPU); each test then asserts on its case's result.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SHARED, shared
+from tests.conftest import shared
 from tests.test_cli import assert_user_error, sft
 from tests.test_pipeline import ROOT, tiny_config
 
@@ -41,17 +41,16 @@ GOOD = {
 class Case:
     build: Callable[[Path, SimpleNamespace], list[str]]  # writes the case's inputs, returns the CLI arguments
     needles: tuple[str, ...]  # each must appear in stderr; "{case}" is the case's folder
-    fixture: str | None = None  # a file under ../shared/fixtures the case needs (skipped without it)
     absent: tuple[str, ...] = ()  # must appear in neither stdout nor stderr (a payload's output)
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, *needles: str, fixture: str | None = None, absent: tuple[str, ...] = ()):
+def case(name: str, *needles: str, absent: tuple[str, ...] = ()):
     def register(build: Callable[[Path, SimpleNamespace], list[str]]):
         assert name not in CASES, name
-        CASES[name] = Case(build, needles, fixture, absent)
+        CASES[name] = Case(build, needles, absent)
         return build
 
     return register
@@ -330,10 +329,9 @@ def _(folder, inputs):
     "{case}/dpo_en_demo.json row 0",
     "preference data",
     "expected one of",
-    fixture="datasets/llamafactory/dpo_en_demo.json",
 )
 def _(folder, inputs):
-    return train_on(folder, inputs, Path(shutil.copy(SHARED / "datasets/llamafactory/dpo_en_demo.json", folder)))
+    return train_on(folder, inputs, Path(shutil.copy(shared("datasets/llamafactory/dpo_en_demo.json"), folder)))
 
 
 # Model files (each case edits its own copy of the stand-in)
@@ -420,13 +418,12 @@ def _(folder, inputs):
     "model.name_or_path='{case}/model'",
     "only pickle weights",
     "expected *.safetensors",
-    fixture="security/malicious1_v4.pkl",
     absent=("456",),  # the payload is eval("print('456')")
 )
 def _(folder, inputs):
     model = model_copy(folder, inputs)
     (model / "model.safetensors").unlink()
-    shutil.copy(SHARED / "security/malicious1_v4.pkl", model / "pytorch_model.bin")
+    shutil.copy(shared("security/malicious1_v4.pkl"), model / "pytorch_model.bin")
     return train_model(folder, inputs, model)
 
 
@@ -461,11 +458,10 @@ def _(folder, inputs):
     "could not load the tokenizer",
     "Merges text file invalid",
     "expected tokenizer files",
-    fixture="negative/llama2_legacy_tokenizer.json",
 )
 def _(folder, inputs):
     model = model_copy(folder, inputs)
-    shutil.copy(SHARED / "negative/llama2_legacy_tokenizer.json", model / "tokenizer.json")
+    shutil.copy(shared("negative/llama2_legacy_tokenizer.json"), model / "tokenizer.json")
     return train_model(folder, inputs, model)
 
 
@@ -555,10 +551,8 @@ def build_inputs(folder: Path) -> SimpleNamespace:
     )
 
 
-def run_case(name: str, root: Path, inputs: SimpleNamespace) -> SimpleNamespace | None:
+def run_case(name: str, root: Path, inputs: SimpleNamespace) -> SimpleNamespace:
     spec = CASES[name]
-    if spec.fixture is not None and not (SHARED / spec.fixture).exists():
-        return None  # the test skips through shared()
     folder = root / name
     folder.mkdir()
     args = spec.build(folder, inputs)
@@ -594,8 +588,6 @@ def test_the_suite_covers_configs_data_and_models():
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_cleanly(name: str, outcomes: SimpleNamespace):
     spec = CASES[name]
-    if spec.fixture is not None:
-        shared(spec.fixture)
     if name == "four_bit_on_cpu" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     outcome = outcomes.cases[name]

@@ -1,7 +1,7 @@
 """The loader reads every supported format, and turns every bad input into an `SftError` that names the file, the
 line or row, the field, and what was expected (docs/PITFALLS.md, "Bad inputs a loader must turn into a clear error").
 
-Real third-party files come from ../shared/fixtures through `shared()` (skipped when absent); everything else is
+Real third-party files come from tests/fixtures through `shared()`; everything else is
 written into `tmp_path`. `pytest.raises(SftError)` lets any other exception type through, so each bad-input test
 also proves the loader raised nothing else.
 """

@@ -1,11 +1,11 @@
 """The real tokenizers beyond Qwen2.5 and GPT-2: Mistral and T5 SentencePiece, Phi-4 BPE, the tiny ones, a broken one.
 
-Each is loaded the way a user's model folder is, through `sft.model.load_tokenizer`, from a folder built in tmp_path
-out of the files in ../shared/fixtures (copied there, never into the repository) plus a minimal tokenizer_config.json
-naming the tokenizer class. Each gets the template its family really uses (Mistral: mistral-common's v1_spm.jinja;
-Phi-4: its own <|im_sep|> template, and TRL's phi3.jinja), or the named "chatml" template for T5 and the tiny
-tokenizers, which have none. For every one, `tokenize_examples` must train, per assistant turn, exactly the answer's
-ids as they sit in the rendering followed by the end-of-turn id, and nothing else (counted with `check_row`).
+Each is loaded the way a user's model folder is, through `sft.model.load_tokenizer`, from a folder built in tmp_path out
+of the files in tests/fixtures plus a minimal tokenizer_config.json naming the tokenizer class. Each gets the template
+its family really uses (Mistral: mistral-common's v1_spm.jinja; Phi-4: its own <|im_sep|> template, and TRL's
+phi3.jinja), or the named "chatml" template for T5 and the tiny tokenizers, which have none. For every one,
+`tokenize_examples` must train, per assistant turn, exactly the answer's ids as they sit in the rendering followed by
+the end-of-turn id, and nothing else (counted with `check_row`).
 
 SentencePiece `.model` files. transformers reads the piece list out of the model's protobuf (SentencePieceExtractor),
 which needs the `sentencepiece` and `protobuf` packages; neither is installed in this project's environment. Tests
@@ -259,7 +259,7 @@ FOLDERS = {
 @dataclass(frozen=True)
 class Case:
     folder: str
-    template: str  # "chatml", "phi4" (the folder's phi4.jinja) or a template file under ../shared/fixtures
+    template: str  # "chatml", "phi4" (the folder's phi4.jinja) or a template file under tests/fixtures
     eot: str  # the token that closes an assistant turn
     length: int  # len(tokenizer) once loaded (chatml tokens included)
     bos_written: bool  # the template writes BOS (exactly once)

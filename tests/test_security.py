@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,26 +16,28 @@ from sft.errors import SftError
 from tests.conftest import shared
 
 LOAD = """
-import sys
+import json, sys
 from sft.config import ModelConfig
 from sft.errors import SftError
 from sft.model import load_model
-try:
-    load_model(ModelConfig(name_or_path=sys.argv[1], allow_pickle=sys.argv[2] == "opt-in"))
-except SftError as err:
-    print("REFUSED:", err)
-else:
-    print("LOADED")
+for folder, opt_in in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        load_model(ModelConfig(name_or_path=folder, allow_pickle=opt_in == "opt-in"))
+    except SftError as err:
+        result = f"REFUSED: {err}"
+    else:
+        result = "LOADED"
+    print(json.dumps([folder, opt_in, result]), flush=True)
 """
+EXPLOITS = ["malicious1_v4.pkl", "pytorch_magic_bypass.pt", "malicious1.zip"]
+OPT_IN = ["default", "opt-in"]
 
 
-@pytest.mark.parametrize("opt_in", ["default", "opt-in"])
-@pytest.mark.parametrize("exploit", ["malicious1_v4.pkl", "pytorch_magic_bypass.pt", "malicious1.zip"])
-def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, opt_in, tmp_path):
-    """Refused by default; with model.allow_pickle the weights_only unpickler refuses them in turn."""
-    source = shared(f"security/{exploit}")
-    folder = tmp_path / "model"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def loads(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
+    """Each exploit as the only weights of a model folder, loaded with and without the opt-in, all in one fresh
+    process (one import of torch and transformers instead of six): {(exploit, opt_in): (folder, output)}."""
+    root = tmp_path_factory.mktemp("exploits")
     config = {
         "model_type": "llama",
         "hidden_size": 32,
@@ -45,19 +48,35 @@ def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, opt_in
         "vocab_size": 100,
         "architectures": ["LlamaForCausalLM"],
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    shutil.copy(source, folder / "pytorch_model.bin")  # where transformers would look for (pickled) weights
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD, str(folder), opt_in], capture_output=True, text=True, cwd=tmp_path
-    )
+    args = []
+    for exploit in EXPLOITS:
+        folder = root / exploit
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        shutil.copy(shared(f"security/{exploit}"), folder / "pytorch_model.bin")  # where pickled weights would be
+        args += [arg for opt_in in OPT_IN for arg in (str(folder), opt_in)]
+    done = subprocess.run([sys.executable, "-c", LOAD, *args], capture_output=True, text=True, cwd=root)
+    results = {}
+    for line in done.stdout.splitlines():
+        folder, opt_in, output = json.loads(line)
+        results[(Path(folder).name, opt_in)] = (folder, output)
+    return results, done
+
+
+@pytest.mark.parametrize("opt_in", OPT_IN)
+@pytest.mark.parametrize("exploit", EXPLOITS)
+def test_pickle_weights_are_refused_and_their_payload_never_runs(exploit, opt_in, loads):
+    """Refused by default; with model.allow_pickle the weights_only unpickler refuses them in turn."""
+    results, done = loads
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("REFUSED:") and str(folder) in done.stdout
+    folder, output = results[(exploit, opt_in)]
+    assert output.startswith("REFUSED:") and folder in output
     if opt_in == "default":
-        assert "only pickle weights" in done.stdout and "allow_pickle" in done.stdout
+        assert "only pickle weights" in output and "allow_pickle" in output
     else:
-        assert "weights_only" in done.stdout or "did not load" in done.stdout
-        assert "weights_only` set to `False`" not in done.stdout  # never advise the unsafe load
-    # the payloads print 456 (eval) or run `echo pwned`: neither may appear anywhere
+        assert "weights_only" in output or "did not load" in output
+        assert "weights_only` set to `False`" not in output  # never advise the unsafe load
+    # the payloads print 456 (eval) or run `echo pwned`: neither may appear anywhere, in any of the loads
     assert "456" not in done.stdout + done.stderr and "pwned" not in done.stdout + done.stderr
 
 

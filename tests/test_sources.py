@@ -2,7 +2,7 @@
 the hub path offline), weights for mixing, a column mapping, a user template over arbitrary columns, and tool calls
 in the messages format (tokenized with the real Qwen2.5 tokenizer, whose template renders them).
 
-Real files come from ../shared/fixtures through `shared()`; everything else is written into `tmp_path`. Nothing
+Real files come from tests/fixtures through `shared()`; everything else is written into `tmp_path`. Nothing
 here touches the network: the hub path is tested offline, and its online branch through a stand-in for
 `datasets.load_dataset`.
 """

@@ -2,7 +2,7 @@
 
 Every check counts tokens against an independent expectation: for each assistant turn the trained span must be the
 answer's own tokens followed by the end-of-turn id (`<|im_end|>` 151645 for Qwen2.5), and the spans must be the only
-trained positions. Real tokenizers come from ../shared/fixtures through `shared()` (skipped when absent).
+trained positions. Real tokenizers come from tests/fixtures through `shared()`.
 Templates from other model families are in test_templates.py.
 """
 
