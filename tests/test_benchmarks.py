@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("trl_default", "trl_tuned", "sft")
+VARIANTS = ("trl_default", "trl_tuned", "trl_expert", "sft")
 
 
 def run_quick(script: str, out: Path) -> None:
@@ -35,11 +35,14 @@ def test_trl_vs_sft_quick_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "trl_vs_sft.json").read_text())
     variants = report["variants"]
     assert set(VARIANTS) <= set(variants)
-    for key in ("speedup_vs_trl_default", "speedup_vs_trl_tuned"):
+    for key in ("speedup_vs_trl_default", "speedup_vs_trl_tuned", "speedup_vs_trl_expert"):
         assert report[key] > 0 and math.isfinite(report[key])
-    assert report["speedup_vs_trl_default"] == pytest.approx(
-        variants["sft"]["real_tokens_per_s"] / variants["trl_default"]["real_tokens_per_s"]
+    for key, base in (("speedup_vs_trl_default", "trl_default"), ("speedup_vs_trl_expert", "trl_expert")):
+        assert report[key] == pytest.approx(variants["sft"]["real_tokens_per_s"] / variants[base]["real_tokens_per_s"])
+    assert report["heldout_loss_change_vs_trl_expert"] == pytest.approx(
+        variants["sft"]["heldout_loss"] / variants["trl_expert"]["heldout_loss"] - 1
     )
+    assert {"speedup_vs_trl_expert >= 1.5", "heldout_loss within 1% of (x)"} <= set(report["targets_met"])
     tokens = {name: variants[name]["real_tokens"] for name in VARIANTS}
     assert len(set(tokens.values())) == 1, f"every variant must see the same real tokens: {tokens}"
     for name in VARIANTS:
@@ -49,6 +52,11 @@ def test_trl_vs_sft_quick_writes_its_report(tmp_path):
         assert math.isfinite(v["heldout_loss"]) and v["precision"] in ("fp32", "bf16", "fp16")
     assert variants["trl_default"]["pad_fraction"] > 0 and not variants["trl_default"]["packing"]
     assert variants["trl_default"]["gradient_checkpointing"] and variants["trl_tuned"]["packing"]
+    # (x): (b) with checkpointing off, the same precision and the same packed rows per step
+    expert, tuned = variants["trl_expert"], variants["trl_tuned"]
+    assert expert["packing"] and expert["padding_free"] and not expert["gradient_checkpointing"]
+    assert expert["precision"] == tuned["precision"] and expert["pad_fraction"] == 0
+    assert expert["per_device_train_batch_size"] == variants["sft"]["per_device_train_batch_size"]
     assert variants["sft"]["pad_fraction"] == 0 and variants["sft"]["packing"]
     assert set(report["data"]["lengths"]["train"]) >= {"mean", "p50", "p95", "max"}
     assert set(report["matmul_peak_flops"]) == {"fp32", "bf16"} and set(report["targets_met"])
