@@ -1,13 +1,15 @@
 """An independent check of trl_vs_sft.py's (x): plain TRL as an expert writes it, nothing from sft or common.
 
-    python benchmarks/plain_trl.py [--bf16-weights]     # one run; prints real tokens/s and the held-out loss
+    python benchmarks/plain_trl.py [--fp32|--bf16] [--bf16-weights]   # one run; prints real tokens/s, held-out loss
 
 The harness's model (random Llama d=512, 8 layers, seed 0), data (alpaca_en_demo through Qwen2.5's template, ids
 folded into 32k, shuffled with seed 0: 32 held-out rows, then 64 train rows) and settings (one epoch, lr 2e-4, 2
-packed rows of <= 768 per step, bf16 autocast, no checkpointing, LoRA r=16 all-linear), written from scratch.
+packed rows of <= 768 per step, no checkpointing, LoRA r=16 all-linear), written from scratch. Precision as an
+expert picks it: bf16 autocast where the CPU has bf16 matmul kernels (AMX, AVX512-BF16), else fp32.
 """
 
 import json
+import os
 import random
 import sys
 import time
@@ -20,7 +22,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+fixtures = Path(os.environ.get("SFT_SHARED_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 qwen = AutoTokenizer.from_pretrained(fixtures / "tokenizers/qwen2_5")
 rows = []
 for r in json.loads((fixtures / "datasets/llamafactory/alpaca_en_demo.json").read_text()):
@@ -46,7 +48,8 @@ tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
 
 ends, tokens = [], []
 clock = type("Clock", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: ends.append(time.perf_counter())})
-args = SFTConfig("/tmp/plain_trl", max_length=768, packing=True, bf16=True, use_cpu=True,
+bf16 = "--bf16" in sys.argv or ("--fp32" not in sys.argv and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+args = SFTConfig("/tmp/plain_trl", max_length=768, packing=True, bf16=bf16, use_cpu=True,
                  activation_checkpointing=False, per_device_train_batch_size=2, num_train_epochs=1, learning_rate=2e-4,
                  seed=0, logging_steps=1000, save_strategy="no", report_to="none")  # fmt: skip
 lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -70,4 +73,5 @@ with torch.no_grad():  # mean loss per trained token, each held-out row alone
                sum(x != -100 for x in r["labels"][1:])) for r in held_out]  # fmt: skip
 loss = sum(a * n for a, n in losses) / sum(n for _, n in losses)
 speed = sum(tokens[2:]) / (ends[-1] - ends[1])  # after 2 warm-up steps, as the harness
-print(json.dumps({"real_tokens_per_s": speed, "steps": len(ends), "real_tokens": sum(tokens), "heldout_loss": loss}))
+print(json.dumps({"real_tokens_per_s": speed, "steps": len(ends), "real_tokens": sum(tokens), "heldout_loss": loss,
+                  "bf16": bf16}))  # fmt: skip
