@@ -222,11 +222,13 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def matmul_peak() -> float:
-    """Measured large bf16 matmul rate of this device (8192^3 on a GPU; on a CPU, where this is a dry run, 256^3:
-    a CPU without bf16 kernels runs 2048^3 as a scalar loop of minutes)."""
+    """Measured large matmul rate in the dtype the cases compute in: bf16 8192^3 on a GPU; on a CPU (a dry run, in
+    fp32: a CPU without bf16 kernels runs bf16 matmuls as a scalar loop) fp32 1024^3."""
     from sft.hardware import matmul_peak as measured
 
-    return measured(torch.bfloat16, n=8192 if torch.cuda.is_available() else 256, seconds=0.5)
+    if torch.cuda.is_available():
+        return measured(torch.bfloat16, n=8192)
+    return measured(torch.float32, n=1024)
 
 
 def main() -> None:
@@ -247,7 +249,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = matmul_peak()
     vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in device), None)
-    log(f"device {device}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s")
+    log(f"device {device}; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
     results: list[dict[str, Any]] = []
     for job in cases(args.dry_run):
         if args.only and job["case"] not in args.only.split(","):
@@ -330,7 +332,8 @@ def summarise(results, device, peak, vendor, args, wall) -> dict[str, Any]:
         "device": device,
         "dry_run": args.dry_run,
         "stack": args.stack,
-        "matmul_peak_bf16_flops": peak,
+        "matmul_peak_flops": peak,
+        "matmul_peak_dtype": "bf16" if torch.cuda.is_available() else "fp32",
         "vendor_peak_bf16_flops": vendor,
         "versions": {
             "torch": torch.__version__,
@@ -358,7 +361,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}`; torch {report['versions']['torch']}, transformers {report['versions']['transformers']}"
         f", trl {report['versions']['trl']}, peft {report['versions']['peft']}"
-        f"; measured bf16 matmul {report['matmul_peak_bf16_flops'] / 1e12:.1f} TFLOP/s"
+        f"; measured {report['matmul_peak_dtype']} matmul peak {report['matmul_peak_flops'] / 1e12:.2f} TFLOP/s"
         + (" (dry run: tiny shapes)" if report["dry_run"] else ""),
         "",
         "| case | variant | attention | ckpt | Liger | 4-bit | real tok/s | pad | MFU (measured peak) "

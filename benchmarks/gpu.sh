@@ -18,6 +18,8 @@
 # py312-only wheels, pydantic-core, regex and multiprocess, are in the venv at the same versions) and runs gpu.py
 # --dry-run through every case on them, then checks that gpu.json has every case, none failed, and gpu.md is there.
 set -uo pipefail
+
+main() {  # all of it in one function: bash reads the whole script before running it (an edit mid-run is harmless)
 cd "$(dirname "$0")/.."
 started=$SECONDS
 check=0
@@ -53,7 +55,13 @@ install() {  # install() PYTHON TARGET WHEEL...: as on the GPU machine, no index
 }
 
 if [ "$check" = 1 ] && [ ${#wheels[@]} -gt 0 ]; then
-    py312=$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)
+    py312=""
+    for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+        if "$candidate" -c "" 2>/dev/null; then
+            py312=$candidate
+            break
+        fi
+    done
     if [ -n "$py312" ]; then
         site312=$(mktemp -d /tmp/sft-site312.XXXXXX)
         install "$py312" "$site312" "${wheels[@]}" || { say "FAILED: the wheels do not install on CPython 3.12"; exit 1; }
@@ -114,15 +122,17 @@ say "preflight done"
 
 args=(--out "$out" --stack "$stack")
 [ "$check" = 1 ] && args+=(--dry-run)
-# the whole call must end within 8 minutes: what is left after the installs, less 20 s for the summary
+# the whole call must end within 8 minutes: what is left after the installs, less 20 s for the summary (--check on
+# a shared 2-core CPU: 7 processes that each import torch and trl, ~30-60 s apiece, so up to 30 minutes)
 budget=$((460 - (SECONDS - started)))
+[ "$check" = 1 ] && budget=1800
 PYTHONPATH="$site:src${PYTHONPATH:+:$PYTHONPATH}" timeout $((budget + 15)) "$python" benchmarks/gpu.py \
     --budget "$budget" "${args[@]}" "$@"
 status=$?
 say "gpu.py exited with $status"
 
 if [ "$check" = 1 ]; then
-    "$python" - "$out" <<'PY' || exit 1
+    "$python" - "$out" <<'PY' || return 1
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -139,4 +149,8 @@ print(f"--check: all {len(results)} cases ran and {out}/gpu.json, gpu.md, prefli
 PY
 fi
 say "done"
-exit $status
+return $status
+}
+
+main "$@"
+exit $?

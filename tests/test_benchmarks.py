@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,12 +100,47 @@ def test_gpu_harness_dry_run_writes_its_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     results = {r["variant"]: r for r in report["results"]}
-    assert set(results) == {"trl_default", "sft"} and not any("error" in r for r in results.values())
+    assert set(results) == {"trl_default", "trl_expert", "sft"} and not any("error" in r for r in results.values())
     assert results["trl_default"]["pad_fraction"] > 0 and results["sft"]["pad_fraction"] == 0
     assert results["sft"]["attn_implementation"] == "sdpa_packed"
+    expert = results["trl_expert"]
+    assert expert["packing"] and expert["pad_fraction"] == 0 and not expert["gradient_checkpointing"]
     for r in results.values():
         assert r["real_tokens_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 1
     assert report["speedup_vs_trl_default"]["1b-lora"] == pytest.approx(
         results["sft"]["real_tokens_per_s"] / results["trl_default"]["real_tokens_per_s"]
     )
+    assert report["speedup_vs_trl_expert"]["1b-lora"] == pytest.approx(
+        results["sft"]["real_tokens_per_s"] / results["trl_expert"]["real_tokens_per_s"]
+    )
     assert "| 1b-lora | sft |" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_sh_check_runs_every_case_from_the_carried_wheels(tmp_path):
+    """`bash benchmarks/gpu.sh --check`: what the GPU call does, on this CPU at tiny shapes. With .whl/ present
+    (benchmarks/gpu_wheels.sh) it installs the wheels with CPython 3.12 as the GPU machine does and runs every case
+    on them; without, on this venv's packages. The script checks its own outputs and exits non-zero when one is
+    missing or a case failed."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--check", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "--check: all 7 cases ran" in done.stdout
+    preflight = (tmp_path / "preflight.txt").read_text()
+    for package in ("transformers", "trl", "peft", "datasets", "pydantic"):
+        assert f"\n{package} " in "\n" + preflight and f"{package} FAILED" not in preflight
+    if (ROOT / ".whl").is_dir():  # the carried packages, not the venv's, were imported
+        assert "sft-site" in next(line for line in preflight.splitlines() if line.startswith("trl "))
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["dry_run"] and {r["variant"] for r in report["results"]} == {
+        "trl_default",
+        "trl_expert",
+        "sft",
+        "sft_qlora",
+    }
