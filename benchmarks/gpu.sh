@@ -39,6 +39,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec > >(tee -a "$out/gpu.log") 2>&1
 say() { echo "[gpu.sh $((SECONDS - started))s] $*"; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 site=$(mktemp -d /tmp/sft-site.XXXXXX)
 wheels=(.whl/*.whl)

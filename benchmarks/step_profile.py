@@ -205,6 +205,42 @@ def finite_check_seconds(model) -> float:
     return best
 
 
+def _stop_now_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from sft.train import StopSignals
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    signals = StopSignals()
+    for _ in range(5):
+        signals.stop_now(torch.device("cpu"))
+    start = time.perf_counter()
+    for _ in range(50):
+        signals.stop_now(torch.device("cpu"))
+    if rank == 0:
+        Path(out).write_text(str((time.perf_counter() - start) / 50))
+    dist.destroy_process_group()
+
+
+def stop_now_two_ranks() -> float | None:
+    """StopOnSignal's check under 2 gloo processes (a 1-element all_reduce), per call; None where it cannot run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "seconds")
+        try:
+            mp.spawn(_stop_now_rank, args=(port, out), nprocs=2, join=True)
+            return float(Path(out).read_text())
+        except Exception as err:  # no loopback networking, say: the single-process figure stands
+            log(f"StopOnSignal under 2 gloo ranks not measured: {err}")
+            return None
+
+
 def operator_table(settings: dict[str, Any], data, steps: int) -> list[dict[str, Any]]:
     """torch.profiler over `steps` optimizer steps of a fresh trainer: the operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -266,6 +302,9 @@ def main() -> None:
         f"finite-weights check per checkpoint, over save_steps={trainer.args.save_steps}": finite_s
         / trainer.args.save_steps,
     }
+    two_ranks = stop_now_two_ranks()
+    if two_ranks is not None:
+        own["StopOnSignal.on_step_end under 2 gloo ranks (all_reduce)"] = two_ranks
     operators = operator_table(settings, data, args.profile_steps) if args.profile_steps else []
     tokens = sum(len(r["input_ids"]) for r in data.train)
     report = {
