@@ -70,6 +70,20 @@ def test_trl_vs_sft_quick_writes_its_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_step_profile_quick_splits_a_step_into_phases(tmp_path):
+    run_quick("step_profile.py", tmp_path)
+    report = json.loads((tmp_path / "step_profile.json").read_text())
+    phases = report["phases_seconds"]
+    assert {"data", "forward", "backward", "optimizer", "callbacks", "logging", "rest"} <= set(phases)
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+    assert sum(phases.values()) == pytest.approx(report["step_seconds"])  # the phases and the rest make the step
+    own = report["pipeline_own_seconds"]
+    assert any(k.startswith("MetricsToJsonl.on_log") for k in own) and own["StopOnSignal.on_step_end"] >= 0
+    assert set(report["targets_met"]) == set(own) and report["operators"]
+    assert "| forward |" in (tmp_path / "step_profile.md").read_text()
+
+
+@pytest.mark.slow
 def test_scaling_quick_writes_table_and_plot(tmp_path):
     run_quick("scaling.py", tmp_path)
     report = json.loads((tmp_path / "scaling.json").read_text())
