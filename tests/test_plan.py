@@ -97,8 +97,11 @@ def test_the_plan_of_the_tiny_default_prints_a_table_and_the_same_as_json(tmp_pa
     assert plan["settings"]["tokens_per_micro_batch"] == 16 * 64
     assert plan["model"]["layers"] == 4 and plan["model"]["hidden"] == 128
     assert plan["flops_per_step"] > 0 and plan["seconds_per_step"] > 0
-    assert "measured" in plan["precision_reason"]  # the second process found the first one's probe in the cache
-    assert "earlier" in plan["precision_reason"]
+    if precision._cpu_has_bf16_kernels():
+        assert "measured" in plan["precision_reason"]  # the second process found the first one's probe in the cache
+        assert "earlier" in plan["precision_reason"]
+    else:  # AVX2-only CPUs: bf16 would run a scalar loop, so fp32 is chosen without the (minutes long) probe
+        assert "not probed" in plan["precision_reason"] and plan["settings"]["compute"] == "fp32"
 
 
 def test_predictions_respond_to_settings(tmp_path):
@@ -162,8 +165,19 @@ def test_measure_on_the_tiny_default_is_within_15_percent(tmp_path, cache_home):
     assert abs(measured["relative_error"]) <= 0.15, measured
 
 
+def test_a_cpu_without_bf16_kernels_gets_fp32_without_a_probe(tmp_path, monkeypatch):
+    config = tiny(tmp_path)
+    model_config, _ = read_model_config(config)
+    monkeypatch.setattr(precision, "_cpu_has_bf16_kernels", lambda: False)
+    monkeypatch.setattr(precision, "_probe_layer", lambda *a: pytest.fail("probed on a CPU without bf16 kernels"))
+    values, lines = planner.auto_settings(config, model_config)
+    assert values["bf16"] is False and "use_cpu" not in values
+    assert any(line.startswith("precision: fp32 (this CPU has no bf16 matmul kernels") for line in lines)
+
+
 def test_auto_settings_choose_precision_and_checkpointing_with_reasons(tmp_path, monkeypatch):
     config = tiny(tmp_path)
+    monkeypatch.setattr(precision, "_cpu_has_bf16_kernels", lambda: True)  # the probe path, whatever this CPU has
     model_config, _ = read_model_config(config)
     values, lines = planner.auto_settings(config, model_config)
     assert isinstance(values["bf16"], bool) and values["activation_checkpointing"] is False
