@@ -35,7 +35,7 @@ TARGET = 0.02  # each of the pipeline's own per-step costs: < 2% of a step
 PHASES = {
     "data": "data loading and collate (get_batch_samples: sampler, packed rows, padding-free collator)",
     "data_order_log": "pipeline: sha1 of the batch's token ids + one line to data_order.jsonl (training_step)",
-    "forward": "model forward, with sft.loss's head (its gradient is computed here, chunk by chunk)",
+    "forward": "model forward, with sft.model.loss's head (its gradient is computed here, chunk by chunk)",
     "head_metrics": "pipeline: token accuracy and token count gathered, .item() (compute_loss minus the forward)",
     "backward": "backward (accelerator.backward)",
     "training_step_other": "the rest of Trainer.training_step (model.train(), input preparation, loss scaling)",
